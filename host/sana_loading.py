@@ -1,0 +1,40 @@
+"""Files and folders -> Sana's MODEL, CLIP and VAE (what the loader nodes call)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..loaders.checkpoint_files import load_state_dict, resolve_diffusers_component
+from .dcae_vae import load_dcae_vae
+from .sana_model import build_sana_model
+from .sana_text_encoder import load_sana_text_encoder
+
+
+def read_component(path: Path, component: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Tensors of a file, or of a diffusers folder's ``component`` (with its config.json)."""
+    if not path.is_dir():
+        return load_state_dict(path), None
+    files = resolve_diffusers_component(path, component)
+    state_dict: dict[str, torch.Tensor] = {}
+    for weight_file in files.weight_files:
+        state_dict.update(load_state_dict(weight_file))
+    return state_dict, files.config() or None
+
+
+def load_sana_model(path: Path, dtype: torch.dtype | None = None):
+    """A Sana transformer (any layout) as a ComfyUI MODEL."""
+    state_dict, config = read_component(path, "transformer")
+    return build_sana_model(state_dict, path=str(path), dtype=dtype, diffusers_config=config)
+
+
+def load_gemma(path: Path, cpu: bool = False):
+    """Gemma-2 (ComfyUI single file, HF folder or Sana diffusers folder) as Sana's CLIP."""
+    return load_sana_text_encoder(path, device="cpu" if cpu else None)
+
+
+def load_dcae(path: Path):
+    """DC-AE (diffusers or efficientvit layout, file or folder) as a native VAE."""
+    state_dict, _ = read_component(path, "vae")
+    return load_dcae_vae(state_dict, path=path)

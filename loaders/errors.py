@@ -1,0 +1,23 @@
+"""The one error type loaders raise: it always names the file and what was expected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class VeloxLoadError(ValueError):
+    """A checkpoint, tokenizer or folder that Velox cannot load.
+
+    The message starts with the file's name, so a node error in ComfyUI reads as
+    ``"model.safetensors: <what is wrong>; expected <what would load>"``.
+    """
+
+    def __init__(self, path: str | Path | None, problem: str, expected: str | None = None):
+        where = Path(path).name if path is not None else "<state dict>"
+        message = f"{where}: {problem}"
+        if expected:
+            message += f"; expected {expected}"
+        super().__init__(message)
+        self.path = None if path is None else str(path)
+        self.problem = problem
+        self.expected = expected

@@ -1,0 +1,246 @@
+"""Is this a Sana transformer, which one, and its canonical state dict (from keys and shapes).
+
+``sniff_sana(raw)`` is the entry point: it refuses other families with a message that names
+what the file looks like, reads the official ``pos_embed`` buffer (2K/4K) before canonical
+names drop it, maps the keys (``sana_keys``) and detects the ``SanaConfig``. A diffusers
+config.json, when there is one, is used for what shapes cannot tell (cross-attention heads, PE).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ..models.sana import SANA_PRESETS, SanaConfig
+from .checkpoint_files import load_state_dict, resolve_diffusers_component, unwrap_state_dict
+from .errors import VeloxLoadError
+from .sana_keys import canonicalize_sana_state_dict, strip_sana_prefix
+
+DIFFUSERS_CLASS = "SanaTransformer2DModel"
+SANA_MARKERS = ("mlp.inverted_conv.conv.weight", "ff.conv_inverted.weight")
+SANA_EXPECTED = (
+    "a Sana transformer: official keys such as x_embedder.proj.weight, blocks.0.attn.qkv.weight, "
+    "blocks.0.mlp.inverted_conv.conv.weight, or diffusers keys such as patch_embed.proj.weight, "
+    "transformer_blocks.0.attn1.to_q.weight, transformer_blocks.0.ff.conv_inverted.weight"
+)
+# (a key fragment, what a checkpoint holding it is), checked in order
+FOREIGN_FAMILIES = (
+    ("patch_embedding.weight", "a Wan transformer"),
+    ("self_attn.q.weight", "a Wan transformer"),
+    ("input_blocks.", "a UNet (Stable Diffusion / VideoCrafter / DynamiCrafter)"),
+    ("double_blocks.", "a Flux-style transformer"),
+    ("joint_blocks.", "an SD3 MMDiT"),
+    ("embed_tokens.weight", "a language model (text encoder)"),
+    ("encoder.down_blocks.", "a VAE"),
+    ("encoder.stages.", "a DC-AE autoencoder"),
+    ("transformer_blocks.0.ff.net.", "a diffusers transformer of another family (PixArt-like)"),
+)
+CROSS_HEADS_BY_WIDTH = {1152: 16, 2240: 20}  # widths of the releases; others get 32-channel heads
+FALLBACK_CROSS_HEAD_DIM = 32
+INTERPOLATION_BY_PE_SIZE = {64: 1.0, 128: 2.0}  # 2K, 4K (diffusers' conversion script)
+_POINT_CONV = re.compile(r"^blocks\.(\d+)\.mlp\.point_conv\.conv\.weight$")
+
+
+def sniff_sana(
+    raw_state_dict: Mapping[str, torch.Tensor],
+    path: str | Path | None = None,
+    diffusers_config: Mapping | None = None,
+    config: SanaConfig | None = None,
+) -> tuple[SanaConfig, dict[str, torch.Tensor]]:
+    """Any Sana layout -> (config, state dict under official names).
+
+    raw_state_dict may still carry a ComfyUI prefix or a ``state_dict`` wrapper. The config is
+    detected from shapes unless a diffusers ``config.json`` dict or an explicit ``config`` (a
+    user's preset choice) is given: those win on what shapes cannot show (cross-attention heads,
+    PE of a diffusers file) and must agree with what they do show.
+    """
+    raw = strip_sana_prefix(unwrap_state_dict(raw_state_dict, path))
+    check_is_sana(raw, path)
+    state_dict = canonicalize_sana_state_dict(raw, path)
+    detected = detect_sana_config(state_dict, pos_embed=raw.get("pos_embed"), path=path)
+    if config is None and diffusers_config is not None:
+        config = config_from_diffusers(diffusers_config)
+    return (detected if config is None else _reconcile(config, detected, path)), state_dict
+
+
+def check_is_sana(state_dict: Mapping[str, torch.Tensor], path: str | Path | None = None) -> None:
+    """Raise VeloxLoadError naming what the checkpoint looks like when it is not a Sana transformer."""
+    keys = list(state_dict)
+    if any(k.endswith(SANA_MARKERS) for k in keys):
+        return
+    looks_like = next((what for fragment, what in FOREIGN_FAMILIES if any(fragment in k for k in keys)), None)
+    if looks_like is None:
+        looks_like = f"an unknown model (first keys: {', '.join(keys[:4]) or 'none'})"
+    raise VeloxLoadError(path, f"looks like {looks_like}, not a Sana transformer", SANA_EXPECTED)
+
+
+def detect_sana_config(
+    state_dict: Mapping[str, torch.Tensor],
+    pos_embed: torch.Tensor | None = None,
+    path: str | Path | None = None,
+) -> SanaConfig:
+    """Config of a canonical (official-name) state dict from its shapes; a preset when one matches.
+
+    pos_embed: the official [1, N, C] buffer, if the raw checkpoint had one (2K/4K).
+    """
+    _require(state_dict, ("x_embedder.proj.weight", "final_layer.linear.weight",
+                          "y_embedder.y_proj.fc1.weight", "blocks.0.mlp.inverted_conv.conv.weight"), path)
+    patch_weight = state_dict["x_embedder.proj.weight"]  # (C, in, p, p)
+    hidden, in_channels, patch = patch_weight.shape[0], patch_weight.shape[1], patch_weight.shape[-1]
+    inner = state_dict["blocks.0.mlp.inverted_conv.conv.weight"].shape[0] // 2
+    architecture = SanaConfig(
+        hidden_size=hidden,
+        depth=len({m.group(1) for m in map(_POINT_CONV.match, state_dict) if m}),
+        num_heads=CROSS_HEADS_BY_WIDTH.get(hidden, max(1, hidden // FALLBACK_CROSS_HEAD_DIM)),
+        in_channels=in_channels,
+        out_channels=state_dict["final_layer.linear.weight"].shape[0] // patch**2,
+        caption_channels=state_dict["y_embedder.y_proj.fc1.weight"].shape[1],
+        mlp_ratio=_mlp_ratio(inner, hidden),
+        patch_size=patch,
+        qk_norm="blocks.0.attn.q_norm.weight" in state_dict,
+        guidance_embeds="cfg_embedder.mlp.0.weight" in state_dict,
+        timestep_norm_scale=1000.0 if "cfg_embedder.mlp.0.weight" in state_dict else 1.0,
+        **_pe_from_buffer(pos_embed, patch),
+    )
+    return match_sana_preset(architecture)
+
+
+def match_sana_preset(config: SanaConfig) -> SanaConfig:
+    """The preset with exactly this architecture, else the config named "custom" with its shift."""
+    for preset in SANA_PRESETS.values():
+        if preset.model_kwargs() == config.model_kwargs():
+            return preset
+    shift = 6.0 if config.use_pe and config.sample_size >= 128 else 3.0
+    return dataclasses.replace(config, name="custom", flow_shift=shift)
+
+
+def config_from_diffusers(config: Mapping) -> SanaConfig:
+    """diffusers ``SanaTransformer2DModel`` config.json -> SanaConfig (preset when one matches)."""
+    qk_norm = config.get("qk_norm")
+    if qk_norm not in (None, "rms_norm_across_heads"):
+        raise VeloxLoadError("config.json", f"qk_norm '{qk_norm}' is not Sana's", "null or rms_norm_across_heads")
+    heads, head_dim = config.get("num_attention_heads", 70), config.get("attention_head_dim", 32)
+    interpolation = config.get("interpolation_scale")
+    guidance = bool(config.get("guidance_embeds", False))
+    pe = {} if interpolation is None else dict(
+        use_pe=True, sample_size=config.get("sample_size", 32), pe_interpolation=float(interpolation))
+    return match_sana_preset(SanaConfig(
+        hidden_size=heads * head_dim,
+        depth=config.get("num_layers", 20),
+        num_heads=config.get("num_cross_attention_heads", 20),
+        linear_head_dim=head_dim,
+        in_channels=config.get("in_channels", 32),
+        out_channels=config.get("out_channels") or config.get("in_channels", 32),
+        caption_channels=config.get("caption_channels", 2304),
+        mlp_ratio=float(config.get("mlp_ratio", 2.5)),
+        patch_size=config.get("patch_size", 1),
+        qk_norm=qk_norm is not None,
+        guidance_embeds=guidance,
+        guidance_embeds_scale=float(config.get("guidance_embeds_scale", 0.1)),
+        timestep_norm_scale=1000.0 if guidance else 1.0,
+        **pe,
+    ))
+
+
+def _reconcile(from_config: SanaConfig, from_shapes: SanaConfig, path) -> SanaConfig:
+    """config.json wins on what shapes cannot show; it must agree with what they do show."""
+    shown = ("hidden_size", "depth", "in_channels", "out_channels", "caption_channels", "patch_size",
+             "qk_norm", "guidance_embeds")
+    clashes = [f"{f} {getattr(from_config, f)} vs {getattr(from_shapes, f)}" for f in shown
+               if getattr(from_config, f) != getattr(from_shapes, f)]
+    if clashes:
+        raise VeloxLoadError(path, f"config.json disagrees with the tensors ({'; '.join(clashes)})",
+                             "a config.json written for these weights")
+    return from_config
+
+
+def _pe_from_buffer(pos_embed: torch.Tensor | None, patch: int) -> dict:
+    """use_pe / sample_size / pe_interpolation from the official [1, N, C] ``pos_embed`` buffer.
+
+    Every official checkpoint has that buffer; it stays all zeros when ``use_pe`` is off (512/1K),
+    so only a filled one means PE. A meta tensor (shapes only) is judged by its size: 64 (2K) or
+    128 (4K) tokens a side.
+    """
+    if pos_embed is None or pos_embed.ndim < 2 or pos_embed.shape[-2] < 2:
+        return {}
+    side = math.isqrt(pos_embed.shape[-2])
+    if pos_embed.is_meta:
+        if side not in INTERPOLATION_BY_PE_SIZE:
+            return {}
+        interpolation = INTERPOLATION_BY_PE_SIZE[side]
+    elif not bool(pos_embed.any()):
+        return {}
+    else:
+        interpolation = _interpolation(pos_embed, side)
+    return dict(use_pe=True, sample_size=side * patch, pe_interpolation=interpolation)
+
+
+def _interpolation(pos_embed: torch.Tensor, side: int) -> float:
+    """Token 1 sits at column 1 / interpolation: channel 0 is its sine, channel C/4 its cosine."""
+    token = pos_embed.reshape(-1, pos_embed.shape[-1])[1].float()
+    angle = math.atan2(token[0].item(), token[pos_embed.shape[-1] // 4].item())
+    return round(1.0 / angle, 4) if angle > 0 else INTERPOLATION_BY_PE_SIZE.get(side, 1.0)
+
+
+def _mlp_ratio(inner: int, hidden: int) -> float:
+    """A ratio with int(hidden * ratio) == inner, as the model computes its FFN width."""
+    ratio = inner / hidden
+    return ratio if int(hidden * ratio) == inner else (inner + 0.5) / hidden
+
+
+def _require(state_dict: Mapping, keys: tuple[str, ...], path) -> None:
+    missing = [k for k in keys if k not in state_dict]
+    if missing:
+        raise VeloxLoadError(path, f"Sana tensors missing: {', '.join(missing)}", SANA_EXPECTED)
+
+
+# ----------------------------------------------------------------------------------------------
+# files -> (config, state dict): what the host bridge calls
+# ----------------------------------------------------------------------------------------------
+
+
+def load_sana_checkpoint(
+    path: str | Path, config: SanaConfig | None = None
+) -> tuple[SanaConfig, dict[str, torch.Tensor]]:
+    """Load any Sana checkpoint file or diffusers folder, detect it, return official names.
+
+    ``config`` (e.g. a preset picked by the user) overrides detection where shapes are silent.
+    """
+    path = Path(path)
+    if path.is_dir():
+        component = resolve_diffusers_component(path, "transformer")
+        raw: dict[str, torch.Tensor] = {}
+        for file in component.weight_files:
+            raw.update(load_state_dict(file))
+        return sniff_sana(raw, path, component.config() or None, config)
+    return sniff_sana(load_state_dict(path), path, _sibling_diffusers_config(path), config)
+
+
+def _sibling_diffusers_config(path: Path) -> dict | None:
+    """The config.json next to a file of a diffusers transformer folder, if it is Sana's."""
+    config_path = path.parent / "config.json"
+    if not config_path.is_file():
+        return None
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return config if isinstance(config, dict) and config.get("_class_name") == DIFFUSERS_CLASS else None
+
+
+def is_sana_diffusers_folder(folder: str | Path) -> bool:
+    """True for a diffusers folder (pipeline or transformer) whose transformer is a Sana one."""
+    folder = Path(folder)
+    for config_path in (folder / "transformer" / "config.json", folder / "config.json"):
+        if config_path.is_file():
+            try:
+                return json.loads(config_path.read_text(encoding="utf-8")).get("_class_name") == DIFFUSERS_CLASS
+            except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+                return False
+    return False

@@ -1,0 +1,535 @@
+"""Sana / Sana-1.5 / SANA-Sprint diffusion transformer (linear DiT), pure PyTorch.
+
+Upstream: NVlabs/Sana ``diffusion/model/nets/sana_multi_scale.py`` (SanaMS, SanaMSCM) and
+``sana_blocks.py``; numerically checked against diffusers ``SanaTransformer2DModel``.
+Module names equal the official checkpoint names (``blocks.N.attn.qkv``, ``t_block.1`` ...), so
+an official state dict loads as is; ``loaders/sana_keys.py`` maps every other layout onto them.
+The 1x1 convs of GLUMBConv are ``Linear`` layers holding 2-D weights (the loader squeezes).
+
+Layout: tokens stay (B, N, C) from the patch embedding to the final layer; the 3x3 depthwise
+conv runs on a channels_last view of those tokens, so no transpose copies are made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEFAULT_OPERATIONS = SimpleNamespace(
+    Linear=nn.Linear, Conv2d=nn.Conv2d, LayerNorm=nn.LayerNorm, RMSNorm=nn.RMSNorm
+)
+SPRINT_DEFAULT_GUIDANCE = 4.5  # SanaSprintPipeline's default guidance_scale
+LINEAR_ATTENTION_EPS = 1e-15  # as diffusers' SanaLinearAttnProcessor2_0
+MASK_BIAS = -10000.0  # additive bias for padded text tokens, as diffusers and the official SDPA path
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SanaConfig:
+    """Hyperparameters of one Sana transformer; field names are the constructor's arguments.
+
+    ``flow_shift`` and ``name`` describe how to sample it and which release it is; they do not
+    change the network.
+    """
+
+    hidden_size: int = 2240
+    depth: int = 20
+    num_heads: int = 20  # softmax cross-attention heads (head dim = hidden_size / num_heads)
+    linear_head_dim: int = 32  # ReLU linear self-attention head size
+    in_channels: int = 32
+    out_channels: int = 32
+    caption_channels: int = 2304
+    mlp_ratio: float = 2.5
+    patch_size: int = 1
+    qk_norm: bool = False  # RMS q/k norm across heads (Sana 1.5, Sprint)
+    use_pe: bool = False  # sincos 2-D position embedding (2K, 4K)
+    sample_size: int = 32  # latent side the PE was trained at (diffusers sample_size)
+    pe_interpolation: float = 1.0  # diffusers interpolation_scale
+    guidance_embeds: bool = False  # Sprint's cfg_embedder
+    guidance_embeds_scale: float = 0.1
+    timestep_norm_scale: float = 1.0  # timesteps are divided by this (Sprint: 1000)
+    flow_shift: float = 3.0
+    name: str = "custom"
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """The architecture fields only, as keyword arguments for ``SanaTransformer``."""
+        kwargs = dataclasses.asdict(self)
+        for field in _SAMPLING_FIELDS:
+            kwargs.pop(field)
+        return kwargs
+
+    @property
+    def family(self) -> str:
+        """``sprint``, ``sana-1.5``, ``sana-pe`` (2K/4K) or ``sana``."""
+        if self.guidance_embeds:
+            return "sprint"
+        if self.qk_norm:
+            return "sana-1.5"
+        return "sana-pe" if self.use_pe else "sana"
+
+    def describe(self) -> str:
+        """One line for logs: preset name, family, width and depth."""
+        return f"{self.name} ({self.family}, hidden {self.hidden_size}, depth {self.depth})"
+
+
+_SAMPLING_FIELDS = ("flow_shift", "name")
+
+_SANA_600M = dict(hidden_size=1152, depth=28, num_heads=16)
+_SANA_1600M = dict(hidden_size=2240, depth=20, num_heads=20)
+_SPRINT = dict(qk_norm=True, guidance_embeds=True, timestep_norm_scale=1000.0)
+
+SANA_PRESETS: dict[str, SanaConfig] = {
+    "sana_600m": SanaConfig(name="sana_600m", **_SANA_600M),
+    "sana_1600m": SanaConfig(name="sana_1600m", **_SANA_1600M),
+    "sana15_1600m": SanaConfig(name="sana15_1600m", qk_norm=True, **_SANA_1600M),
+    "sana15_4800m": SanaConfig(name="sana15_4800m", qk_norm=True, **{**_SANA_1600M, "depth": 60}),
+    "sana_1600m_2k": SanaConfig(
+        name="sana_1600m_2k", use_pe=True, sample_size=64, pe_interpolation=1.0, **_SANA_1600M
+    ),
+    "sana_1600m_4k": SanaConfig(
+        name="sana_1600m_4k", use_pe=True, sample_size=128, pe_interpolation=2.0, flow_shift=6.0,
+        **_SANA_1600M,
+    ),
+    "sprint_600m": SanaConfig(name="sprint_600m", **_SPRINT, **_SANA_600M),
+    "sprint_1600m": SanaConfig(name="sprint_1600m", **_SPRINT, **_SANA_1600M),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Functional pieces
+# ----------------------------------------------------------------------------------------------
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding [cos | sin] of fractional timesteps: (B,) -> (B, dim) float32."""
+    half = dim // 2
+    freqs = torch.exp(
+        torch.arange(half, device=t.device, dtype=torch.float32) * (-math.log(max_period) / half)
+    )
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def sincos_pos_embed_2d(
+    dim: int, height: int, width: int, base_size: int, interpolation: float, device: torch.device
+) -> torch.Tensor:
+    """Sana / diffusers 2-D sincos position embedding for an (height, width) token grid.
+
+    Positions on each axis are ``arange(n) / (n / base_size) / interpolation``; the first half
+    of the channels encodes the column, the second half the row (diffusers' ``grid[0]`` is the
+    w grid). Returns (1, height * width, dim) float32, token index = row * width + col.
+    """
+    rows = torch.arange(height, device=device, dtype=torch.float32) / (height / base_size) / interpolation
+    cols = torch.arange(width, device=device, dtype=torch.float32) / (width / base_size) / interpolation
+    grid_col = cols[None, :].expand(height, width).reshape(-1)
+    grid_row = rows[:, None].expand(height, width).reshape(-1)
+    return torch.cat([_sincos_1d(dim // 2, grid_col), _sincos_1d(dim // 2, grid_row)], dim=1)[None]
+
+
+def _sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """(M,) positions -> (M, dim) [sin | cos], frequencies in float64 like diffusers (fp32 on MPS)."""
+    precise = torch.float32 if positions.device.type == "mps" else torch.float64
+    omega = torch.arange(dim // 2, device=positions.device, dtype=precise) / (dim / 2.0)
+    omega = 1.0 / 10000**omega
+    angles = torch.outer(positions.to(precise), omega)
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1).float()
+
+
+def relu_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Sana's ReLU linear attention, fp32 accumulation, no attention matrix.
+
+    q, k, v: (B, N, C) projections (ReLU is applied here). Per head:
+    ``out = relu(q) @ (relu(k)^T v) / (relu(q) . sum_n relu(k) + eps)``, which equals the
+    official "pad V with a row of ones" formulation without materialising the padded V: the
+    key sum rides along as one extra column of the (d, d) key-value matrix.
+    Returns (B, N, C) in v's dtype.
+    """
+    B, N, C = q.shape
+    d = C // heads
+    q = _contiguous_as(q.view(B, N, heads, d).transpose(1, 2), torch.float32).relu_()  # (B, h, N, d)
+    k = _contiguous_as(k.view(B, N, heads, d).permute(0, 2, 3, 1), torch.float32).relu_()  # (B, h, d, N)
+    v32 = _contiguous_as(v.view(B, N, heads, d).transpose(1, 2), torch.float32)  # (B, h, N, d)
+    kv = torch.cat([k @ v32, k.sum(dim=-1, keepdim=True)], dim=-1)  # (B, h, d, d + 1)
+    out = q @ kv  # (B, h, N, d + 1): numerator | normaliser
+    out = out[..., :d] / (out[..., d:] + LINEAR_ATTENTION_EPS)
+    return _contiguous_as(out.transpose(1, 2), v.dtype).view(B, N, C)
+
+
+def _contiguous_as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, laid out contiguously, in one copy (``Tensor.to`` ignores
+    ``memory_format`` when the dtype already matches, hence the two branches)."""
+    if t.dtype == dtype:
+        return t.contiguous()
+    return t.to(dtype=dtype, memory_format=torch.contiguous_format)
+
+
+def text_mask_to_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, L) keep-mask (bool or 0/1 float) -> (B, 1, 1, L) additive bias: 0 keep, -10000 pad."""
+    return ((1 - mask.to(dtype)) * MASK_BIAS)[:, None, None, :]
+
+
+def _cast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.to(device=like.device, dtype=like.dtype)
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """adaLN: LayerNorm (no affine) then x * (1 + scale) + shift; shift/scale (B, 1, C)."""
+    return torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=eps), 1 + scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------------------------
+
+
+class _ConvSlot(nn.Module):
+    """Holds ``.conv`` so that parameter names read ``mlp.inverted_conv.conv.weight``."""
+
+    def __init__(self, conv: nn.Module):
+        super().__init__()
+        self.conv = conv
+
+
+class PatchEmbed(nn.Module):
+    """x_embedder: Conv2d(in, C, k=p, s=p); (B, in, H, W) -> (B, N, C) tokens, row-major."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int, device=None, dtype=None,
+                 operations=DEFAULT_OPERATIONS):
+        super().__init__()
+        self.proj = operations.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size, bias=True,
+                                      device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A channels_last input makes the conv emit channels_last, whose (B, C, N) view transposes
+        # to contiguous (B, N, C) for free.
+        x = self.proj(x.contiguous(memory_format=torch.channels_last))
+        return x.flatten(2).transpose(1, 2).contiguous()
+
+
+class TimestepEmbedder(nn.Module):
+    """t_embedder / cfg_embedder: sinusoid(256) -> Linear -> SiLU -> Linear."""
+
+    def __init__(self, hidden_size: int, frequency_dim: int = 256, device=None, dtype=None,
+                 operations=DEFAULT_OPERATIONS):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(
+            operations.Linear(frequency_dim, hidden_size, bias=True, device=device, dtype=dtype),
+            nn.SiLU(),
+            operations.Linear(hidden_size, hidden_size, bias=True, device=device, dtype=dtype),
+        )
+
+    def forward(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """t: (B,) float -> (B, C) in ``dtype``."""
+        return self.mlp(timestep_embedding(t, self.frequency_dim).to(dtype))
+
+
+class CaptionProjection(nn.Module):
+    """y_embedder.y_proj: timm Mlp(caption_channels -> C -> C) with tanh-GELU."""
+
+    def __init__(self, caption_channels: int, hidden_size: int, device=None, dtype=None,
+                 operations=DEFAULT_OPERATIONS):
+        super().__init__()
+        self.fc1 = operations.Linear(caption_channels, hidden_size, bias=True, device=device, dtype=dtype)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = operations.Linear(hidden_size, hidden_size, bias=True, device=device, dtype=dtype)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(y)))
+
+
+class CaptionEmbedder(nn.Module):
+    """y_embedder (its null-caption buffer ``y_embedding`` is training-only and not kept)."""
+
+    def __init__(self, caption_channels: int, hidden_size: int, device=None, dtype=None,
+                 operations=DEFAULT_OPERATIONS):
+        super().__init__()
+        self.y_proj = CaptionProjection(caption_channels, hidden_size, device, dtype, operations)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.y_proj(y)
+
+
+class LinearAttention(nn.Module):
+    """LiteLA: qkv Linear (no bias), optional RMS q/k norm across heads, ReLU linear attention."""
+
+    def __init__(self, hidden_size: int, head_dim: int, qk_norm: bool, device=None, dtype=None,
+                 operations=DEFAULT_OPERATIONS):
+        super().__init__()
+        self.heads = hidden_size // head_dim
+        self.qkv = operations.Linear(hidden_size, 3 * hidden_size, bias=False, device=device, dtype=dtype)
+        if qk_norm:
+            self.q_norm = operations.RMSNorm(hidden_size, eps=1e-5, device=device, dtype=dtype)
+            self.k_norm = operations.RMSNorm(hidden_size, eps=1e-5, device=device, dtype=dtype)
+        else:
+            self.q_norm = self.k_norm = None
+        self.proj = operations.Linear(hidden_size, hidden_size, bias=True, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, replace=None, extra_options: dict | None = None) -> torch.Tensor:
+        """x: (B, N, C) -> (B, N, C). ``replace(q, k, v, extra_options)`` may stand in for the
+        attention itself (PAG's identity branch returns ``v``); it gets (B, N, C) projections."""
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if replace is None:
+            out = relu_linear_attention(q, k, v, self.heads)
+        else:
+            out = replace(q, k, v, {**(extra_options or {}), "heads": self.heads})
+        return self.proj(out)
+
+
+class CrossAttention(nn.Module):
+    """MultiHeadCrossAttention: softmax attention from image tokens to caption tokens (SDPA)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool, device=None, dtype=None,
+                 operations=DEFAULT_OPERATIONS):
+        super().__init__()
+        self.heads = num_heads
+        self.q_linear = operations.Linear(hidden_size, hidden_size, bias=True, device=device, dtype=dtype)
+        self.kv_linear = operations.Linear(hidden_size, 2 * hidden_size, bias=True, device=device, dtype=dtype)
+        if qk_norm:
+            self.q_norm = operations.RMSNorm(hidden_size, eps=1e-5, device=device, dtype=dtype)
+            self.k_norm = operations.RMSNorm(hidden_size, eps=1e-5, device=device, dtype=dtype)
+        else:
+            self.q_norm = self.k_norm = None
+        self.proj = operations.Linear(hidden_size, hidden_size, bias=True, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, mask_bias: torch.Tensor | None) -> torch.Tensor:
+        """x: (B, N, C) image tokens, y: (B, L, C) caption tokens, mask_bias: (B, 1, 1, L) or None."""
+        B, N, C = x.shape
+        d = C // self.heads
+        q = self.q_linear(x)
+        k, v = self.kv_linear(y).chunk(2, dim=-1)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, N, self.heads, d).transpose(1, 2)
+        k = k.view(B, -1, self.heads, d).transpose(1, 2)
+        v = v.view(B, -1, self.heads, d).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_bias)  # (B, h, N, d)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class GLUMBConv(nn.Module):
+    """Mix-FFN: 1x1 (Linear) C->2F + SiLU, 3x3 depthwise on 2F, GLU (x * SiLU(gate)), 1x1 F->C."""
+
+    def __init__(self, hidden_size: int, mlp_ratio: float, device=None, dtype=None,
+                 operations=DEFAULT_OPERATIONS):
+        super().__init__()
+        inner = int(hidden_size * mlp_ratio)
+        self.inverted_conv = _ConvSlot(
+            operations.Linear(hidden_size, 2 * inner, bias=True, device=device, dtype=dtype))
+        self.depth_conv = _ConvSlot(operations.Conv2d(
+            2 * inner, 2 * inner, 3, padding=1, groups=2 * inner, bias=True, device=device, dtype=dtype))
+        self.point_conv = _ConvSlot(operations.Linear(inner, hidden_size, bias=False, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """x: (B, N, C) with N = height * width -> (B, N, C)."""
+        B, N, _ = x.shape
+        h = F.silu(self.inverted_conv.conv(x))  # (B, N, 2F)
+        # (B, H, W, 2F) permuted to (B, 2F, H, W) is a channels_last view: no copy.
+        h = self.depth_conv.conv(h.view(B, height, width, -1).permute(0, 3, 1, 2))
+        h = h.permute(0, 2, 3, 1)  # back to (B, H, W, 2F), contiguous when the conv kept channels_last
+        value, gate = h.chunk(2, dim=-1)
+        return self.point_conv.conv((value * F.silu(gate)).reshape(B, N, -1))
+
+
+class SanaBlock(nn.Module):
+    """SanaMSBlock: adaLN-single linear self-attention, cross-attention, GLUMBConv."""
+
+    def __init__(self, hidden_size: int, num_heads: int, linear_head_dim: int, mlp_ratio: float,
+                 qk_norm: bool, norm_eps: float = 1e-6, device=None, dtype=None, operations=DEFAULT_OPERATIONS):
+        super().__init__()
+        self.norm_eps = norm_eps
+        self.scale_shift_table = nn.Parameter(torch.empty(6, hidden_size, device=device, dtype=dtype))
+        self.attn = LinearAttention(hidden_size, linear_head_dim, qk_norm, device, dtype, operations)
+        self.cross_attn = CrossAttention(hidden_size, num_heads, qk_norm, device, dtype, operations)
+        self.mlp = GLUMBConv(hidden_size, mlp_ratio, device, dtype, operations)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, t0: torch.Tensor, mask_bias: torch.Tensor | None,
+                height: int, width: int, attn_replace=None, extra_options: dict | None = None) -> torch.Tensor:
+        """x: (B, N, C); y: (B, L, C); t0: (B, 6, 1, C) from t_block; returns (B, N, C)."""
+        modulation = _cast(self.scale_shift_table, x)[:, None, :] + t0  # (B, 6, 1, C)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.unbind(1)
+        # 1. linear self-attention
+        attn = self.attn(_modulate(x, shift_msa, scale_msa, self.norm_eps), attn_replace, extra_options)
+        x = torch.addcmul(x, gate_msa, attn)
+        # 2. cross-attention to the caption (no norm, no gate)
+        x = x + self.cross_attn(x, y, mask_bias)
+        # 3. Mix-FFN
+        ffn = self.mlp(_modulate(x, shift_mlp, scale_mlp, self.norm_eps), height, width)
+        return torch.addcmul(x, gate_mlp, ffn)
+
+
+class FinalLayer(nn.Module):
+    """T2IFinalLayer: adaLN (shift, scale from its table + t) then Linear(C, p*p*out)."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, norm_eps: float = 1e-6,
+                 device=None, dtype=None, operations=DEFAULT_OPERATIONS):
+        super().__init__()
+        self.norm_eps = norm_eps
+        self.scale_shift_table = nn.Parameter(torch.empty(2, hidden_size, device=device, dtype=dtype))
+        self.linear = operations.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True,
+                                        device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x: (B, N, C), t: (B, C) embedded timestep -> (B, N, p*p*out)."""
+        shift, scale = (_cast(self.scale_shift_table, x)[None] + t[:, None]).chunk(2, dim=1)
+        return self.linear(_modulate(x, shift, scale, self.norm_eps))
+
+
+class SanaTransformer(nn.Module):
+    """Sana DiT (SanaMS, and SanaMSCM's network for Sprint) with official module names."""
+
+    def __init__(
+        self,
+        hidden_size: int = 2240,
+        depth: int = 20,
+        num_heads: int = 20,
+        linear_head_dim: int = 32,
+        in_channels: int = 32,
+        out_channels: int = 32,
+        caption_channels: int = 2304,
+        mlp_ratio: float = 2.5,
+        patch_size: int = 1,
+        qk_norm: bool = False,
+        use_pe: bool = False,
+        sample_size: int = 32,
+        pe_interpolation: float = 1.0,
+        guidance_embeds: bool = False,
+        guidance_embeds_scale: float = 0.1,
+        timestep_norm_scale: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        operations: Any = None,
+        **kwargs: Any,  # ComfyUI's unet_config extras and SanaConfig's sampling fields
+    ):
+        super().__init__()
+        ops = operations if operations is not None else DEFAULT_OPERATIONS
+        factory = dict(device=device, dtype=dtype, operations=ops)
+        self.hidden_size = hidden_size
+        self.patch_size = patch_size
+        self.out_channels = out_channels
+        self.use_pe = use_pe
+        self.base_size = sample_size // patch_size
+        self.pe_interpolation = pe_interpolation
+        self.guidance_embeds_scale = guidance_embeds_scale
+        self.timestep_norm_scale = timestep_norm_scale
+
+        # 1. embeddings
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size, **factory)
+        self.t_embedder = TimestepEmbedder(hidden_size, **factory)
+        self.cfg_embedder = TimestepEmbedder(hidden_size, **factory) if guidance_embeds else None
+        self.t_block = nn.Sequential(
+            nn.SiLU(), ops.Linear(hidden_size, 6 * hidden_size, bias=True, device=device, dtype=dtype))
+        self.y_embedder = CaptionEmbedder(caption_channels, hidden_size, **factory)
+        self.attention_y_norm = ops.RMSNorm(hidden_size, eps=1e-5, device=device, dtype=dtype)
+        # 2. blocks
+        self.blocks = nn.ModuleList(
+            SanaBlock(hidden_size, num_heads, linear_head_dim, mlp_ratio, qk_norm, **factory)
+            for _ in range(depth)
+        )
+        # 3. output
+        self.final_layer = FinalLayer(hidden_size, patch_size, out_channels, **factory)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        context_mask: torch.Tensor | None = None,
+        guidance: torch.Tensor | float | None = None,
+        transformer_options: dict | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Predict the flow velocity.
+
+        x: (B, in_channels, H, W) latent; timesteps: (B,) float sigma * 1000 (fractional, not
+        truncated; Sprint models divide by ``timestep_norm_scale`` internally); context:
+        (B, L, caption_channels) Gemma features; context_mask: (B, L) 1 keep / 0 pad, bool or
+        float; guidance: (B,) or float, the raw guidance scale for Sprint (scaled by
+        ``guidance_embeds_scale`` here; 4.5 when omitted). Returns (B, out_channels, H, W).
+        """
+        options = transformer_options or {}
+        B, _, H, W = x.shape
+        height, width = H // self.patch_size, W // self.patch_size
+        dtype = x.dtype
+
+        # 1. patch embedding (+ sincos PE computed for this H, W)
+        tokens = self.x_embedder(x)  # (B, N, C)
+        if self.use_pe:
+            pe = sincos_pos_embed_2d(self.hidden_size, height, width, self.base_size, self.pe_interpolation,
+                                     x.device)
+            tokens = tokens + pe.to(dtype)
+
+        # 2. timestep (+ Sprint guidance) embedding, adaLN-single
+        t = self.t_embedder(self._timesteps(timesteps, B, x.device), dtype)  # (B, C)
+        if self.cfg_embedder is not None:
+            t = t + self.cfg_embedder(self._guidance(guidance, B, x.device), dtype)
+        t0 = self.t_block(t).view(B, 6, 1, self.hidden_size)
+
+        # 3. caption projection + y-norm, text mask as an additive bias
+        y = self.attention_y_norm(self.y_embedder(context.to(dtype)))  # (B, L, C)
+        mask_bias = None if context_mask is None else text_mask_to_bias(context_mask.to(x.device), dtype)
+
+        # 4. blocks
+        tokens = self._run_blocks(tokens, y, t0, mask_bias, height, width, options)
+
+        # 5. final layer, unpatchify
+        out = self.final_layer(tokens, t)  # (B, N, p*p*out)
+        return self._unpatchify(out, B, height, width)
+
+    def _timesteps(self, timesteps: torch.Tensor | float, batch: int, device: torch.device) -> torch.Tensor:
+        t = torch.as_tensor(timesteps, device=device).float().reshape(-1).expand(batch)
+        return t if self.timestep_norm_scale == 1.0 else t / self.timestep_norm_scale
+
+    def _guidance(self, guidance: torch.Tensor | float | None, batch: int, device: torch.device) -> torch.Tensor:
+        if guidance is None or not torch.is_tensor(guidance):
+            value = SPRINT_DEFAULT_GUIDANCE if guidance is None else float(guidance)
+            return torch.full((batch,), value * self.guidance_embeds_scale, device=device)
+        return guidance.to(device).float().reshape(-1).expand(batch) * self.guidance_embeds_scale
+
+    def _run_blocks(self, x: torch.Tensor, y: torch.Tensor, t0: torch.Tensor, mask_bias: torch.Tensor | None,
+                    height: int, width: int, options: dict) -> torch.Tensor:
+        """ComfyUI hooks: ``patches_replace["dit"][("double_block", i)]`` replaces a whole block,
+        ``patches_replace["attn1"][("sana_block", i)]`` replaces block i's linear attention."""
+        patches = options.get("patches_replace", {})
+        blocks_replace = patches.get("dit", {})
+        attn_replace = patches.get("attn1", {})
+        for i, block in enumerate(self.blocks):
+            extra = {"block_index": i, "transformer_options": options}
+            replace = attn_replace.get(("sana_block", i))
+            if ("double_block", i) in blocks_replace:
+                def block_wrap(args, block=block, replace=replace, extra=extra):
+                    img = block(args["img"], args["txt"], args["vec"], args["txt_mask"], height, width,
+                                replace, extra)
+                    return {"img": img}
+
+                x = blocks_replace[("double_block", i)](
+                    {"img": x, "txt": y, "vec": t0, "txt_mask": mask_bias, "transformer_options": options},
+                    {"original_block": block_wrap},
+                )["img"]
+            else:
+                x = block(x, y, t0, mask_bias, height, width, replace, extra)
+        return x
+
+    def _unpatchify(self, x: torch.Tensor, batch: int, height: int, width: int) -> torch.Tensor:
+        """(B, N, p*p*out) -> (B, out, H*p, W*p), contiguous."""
+        p = self.patch_size
+        x = x.view(batch, height, width, p, p, self.out_channels).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(batch, self.out_channels, height * p, width * p)
+
+    @classmethod
+    def from_config(cls, config: SanaConfig, device=None, dtype=None, operations=None) -> SanaTransformer:
+        """Build (uninitialised) from a ``SanaConfig``."""
+        return cls(**config.model_kwargs(), device=device, dtype=dtype, operations=operations)

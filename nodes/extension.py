@@ -1,0 +1,15 @@
+"""The V3 extension ComfyUI loads: every Velox node, in one list."""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+from typing_extensions import override
+
+from .sampler_nodes import SAMPLER_NODES
+from .sana_nodes import SANA_NODES
+
+
+class VeloxExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [*SANA_NODES, *SAMPLER_NODES]

@@ -1,0 +1,68 @@
+"""Shared test setup.
+
+The repository root is the pack; tests import it as the package ``velox`` (ComfyUI imports
+it under a path-derived name, so the pack uses relative imports only). ComfyUI's modules are
+reachable when ``COMFYUI_PATH`` (or the provisioned ``.host/ComfyUI``) exists; they are put
+into CPU mode before anything imports ``comfy``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _register_pack_as_velox() -> None:
+    if "velox" in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(
+        "velox", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["velox"] = module
+    spec.loader.exec_module(module)
+
+
+def comfyui_path() -> Path | None:
+    env = os.environ.get("COMFYUI_PATH")
+    candidate = Path(env) if env else ROOT / ".host" / "ComfyUI"
+    return candidate if (candidate / "main.py").is_file() else None
+
+
+def _boot_comfy_on_cpu() -> bool:
+    """Make ``import comfy.*`` work in this process, on the CPU, once."""
+    if "comfy.model_management" in sys.modules:
+        return True
+    host = comfyui_path()
+    if host is None:
+        return False
+    if str(host) not in sys.path:
+        sys.path.insert(0, str(host))
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    saved = sys.argv
+    sys.argv = [saved[0], "--cpu"]
+    try:
+        import comfy.cli_args  # noqa: F401
+        import comfy.model_management  # noqa: F401
+    finally:
+        sys.argv = saved
+    return True
+
+
+_register_pack_as_velox()
+
+
+@pytest.fixture(scope="session")
+def comfy_host() -> Path:
+    """ComfyUI's modules, importable and on the CPU (skips when no host is provisioned)."""
+    if not _boot_comfy_on_cpu():
+        pytest.skip("no ComfyUI host: run scripts/provision.sh or set COMFYUI_PATH")
+    return comfyui_path()
