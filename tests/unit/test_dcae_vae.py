@@ -13,6 +13,7 @@ import torch
 from diffusers import AutoencoderDC
 from diffusers.loaders.single_file_utils import convert_autoencoder_dc_checkpoint_to_diffusers
 from safetensors.torch import load_file
+
 from velox.loaders.dcae_keys import SANA_DCAE_CONFIG, detect_dcae_config, prepare_dcae_state_dict
 from velox.loaders.errors import VeloxLoadError
 from velox.tiny.dcae import (
@@ -234,6 +235,7 @@ def test_tiled_decode_blends_without_a_seam(tiny_vae):
     tiles with a hard cut gives 2.64 at the cut.
     """
     import comfy.utils
+
     from velox.host.dcae_vae import decode_tiled_dcae, tile_starts
 
     z = torch.randn(1, 32, 32, 60, generator=torch.Generator().manual_seed(1))
@@ -275,6 +277,7 @@ def test_tiled_decode_blends_without_a_seam(tiny_vae):
 
 def test_tiled_decode_stops_between_tiles_when_interrupted(tiny_vae):
     import comfy.model_management
+
     from velox.host.dcae_vae import decode_tiled_dcae
 
     comfy.model_management.interrupt_current_processing(True)
