@@ -147,7 +147,8 @@ def load_sharded_safetensors(index_path: str | Path) -> dict[str, torch.Tensor]:
     state_dict = _load_files(shards)
     absent = [k for k in weight_map if k not in state_dict]
     if absent:
-        raise VeloxLoadError(index_path, f"{len(absent)} tensor(s) of the index are in no shard: {absent[:4]}",
+        raise VeloxLoadError(index_path,
+                             f"{len(absent)} tensor(s) of the index are in no shard: {absent[:4]}",
                              "shards that hold every tensor the index lists")
     return state_dict
 
@@ -209,7 +210,8 @@ def unwrap_state_dict(obj: object, path: str | Path | None = None) -> dict[str, 
             break
         obj = inner
     if not isinstance(obj, Mapping):
-        raise VeloxLoadError(path, f"holds a {type(obj).__name__}, not a state dict", "a mapping of names to tensors")
+        raise VeloxLoadError(path, f"holds a {type(obj).__name__}, not a state dict",
+                             "a mapping of names to tensors")
     tensors = {k: v for k, v in obj.items() if torch.is_tensor(v)}
     if not tensors:
         raise VeloxLoadError(path, "holds no tensors", "a mapping of names to tensors")
@@ -236,7 +238,8 @@ class ComponentFiles:
         try:
             return json.loads(self.config_path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise VeloxLoadError(self.config_path, f"corrupt config.json ({error})", "a JSON object") from None
+            raise VeloxLoadError(self.config_path, f"corrupt config.json ({error})",
+                                 "a JSON object") from None
 
 
 def resolve_diffusers_component(folder: str | Path, component: str = "transformer") -> ComponentFiles:
@@ -249,7 +252,8 @@ def resolve_diffusers_component(folder: str | Path, component: str = "transforme
             return ComponentFiles(directory, config if config.is_file() else None, weights)
     raise VeloxLoadError(
         folder, f"no {component} weights in this folder or its '{component}/' subfolder",
-        f"a diffusers folder with {component}/config.json and {component}/diffusion_pytorch_model.safetensors",
+        f"a diffusers folder with {component}/config.json and "
+        f"{component}/diffusion_pytorch_model.safetensors",
     )
 
 

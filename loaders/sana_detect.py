@@ -116,7 +116,7 @@ def match_sana_preset(config: SanaConfig) -> SanaConfig:
     for preset in SANA_PRESETS.values():
         if preset.model_kwargs() == config.model_kwargs():
             return preset
-    shift = 6.0 if config.use_pe and config.sample_size >= 128 else 3.0
+    shift = 6.0 if config.use_pe and config.pe_interpolation >= 2.0 else 3.0  # 4K-style PE: shift 6
     return dataclasses.replace(config, name="custom", flow_shift=shift)
 
 
@@ -124,7 +124,8 @@ def config_from_diffusers(config: Mapping) -> SanaConfig:
     """diffusers ``SanaTransformer2DModel`` config.json -> SanaConfig (preset when one matches)."""
     qk_norm = config.get("qk_norm")
     if qk_norm not in (None, "rms_norm_across_heads"):
-        raise VeloxLoadError("config.json", f"qk_norm '{qk_norm}' is not Sana's", "null or rms_norm_across_heads")
+        raise VeloxLoadError("config.json", f"qk_norm '{qk_norm}' is not Sana's",
+                             "null or rms_norm_across_heads")
     heads, head_dim = config.get("num_attention_heads", 70), config.get("attention_head_dim", 32)
     interpolation = config.get("interpolation_scale")
     guidance = bool(config.get("guidance_embeds", False))
@@ -149,14 +150,16 @@ def config_from_diffusers(config: Mapping) -> SanaConfig:
 
 
 def _reconcile(from_config: SanaConfig, from_shapes: SanaConfig, path) -> SanaConfig:
-    """config.json wins on what shapes cannot show; it must agree with what they do show."""
+    """A given config (config.json, a chosen preset) wins on what shapes cannot show; it must agree
+    with what they do show."""
     shown = ("hidden_size", "depth", "in_channels", "out_channels", "caption_channels", "patch_size",
              "qk_norm", "guidance_embeds")
     clashes = [f"{f} {getattr(from_config, f)} vs {getattr(from_shapes, f)}" for f in shown
                if getattr(from_config, f) != getattr(from_shapes, f)]
     if clashes:
-        raise VeloxLoadError(path, f"config.json disagrees with the tensors ({'; '.join(clashes)})",
-                             "a config.json written for these weights")
+        raise VeloxLoadError(
+            path, f"its config (config.json or the chosen preset) disagrees with the tensors "
+            f"({'; '.join(clashes)})", "a config written for these weights")
     return from_config
 
 
@@ -240,7 +243,8 @@ def is_sana_diffusers_folder(folder: str | Path) -> bool:
     for config_path in (folder / "transformer" / "config.json", folder / "config.json"):
         if config_path.is_file():
             try:
-                return json.loads(config_path.read_text(encoding="utf-8")).get("_class_name") == DIFFUSERS_CLASS
+                config = json.loads(config_path.read_text(encoding="utf-8"))
+                return config.get("_class_name") == DIFFUSERS_CLASS
             except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
                 return False
     return False

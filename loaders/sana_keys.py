@@ -91,11 +91,12 @@ _LEAVES = ("weight", "bias")
 
 
 def strip_sana_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Remove a ComfyUI ``model.diffusion_model.`` / ``diffusion_model.`` prefix if every key has it."""
-    keys = list(state_dict)
+    """The tensors under ComfyUI's ``model.diffusion_model.`` / ``diffusion_model.`` prefix, unprefixed
+    (a ComfyUI checkpoint may bundle a VAE and text encoder beside them); else all, unchanged."""
     for prefix in SANA_PREFIXES:
-        if keys and all(k.startswith(prefix) for k in keys):
-            return {k[len(prefix):]: v for k, v in state_dict.items()}
+        selected = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if selected:
+            return selected
     return dict(state_dict)
 
 
@@ -212,7 +213,9 @@ _BLOCK_REVERSE = {official: diffusers for diffusers, official in BLOCK_RENAMES.i
 _UNSQUEEZED_1X1 = ("mlp.inverted_conv.conv.weight", "mlp.point_conv.conv.weight")
 
 
-def official_to_diffusers(state_dict: Mapping[str, torch.Tensor], legacy: bool = False) -> dict[str, torch.Tensor]:
+def official_to_diffusers(
+    state_dict: Mapping[str, torch.Tensor], legacy: bool = False
+) -> dict[str, torch.Tensor]:
     """Official names -> diffusers ``SanaTransformer2DModel`` names (``legacy``: adaln_single /
     pos_embed.proj). Fused projections are split, 1x1 Mix-FFN weights are 4-D, buffers dropped."""
     top_level = dict(_CURRENT_TOP_LEVEL)

@@ -147,31 +147,49 @@ def _sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
 
 
 def relu_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """Sana's ReLU linear attention, fp32 accumulation, no attention matrix.
+    """Sana's ReLU linear attention with fp32 accumulation, no attention matrix.
 
     q, k, v: (B, N, C) projections (ReLU is applied here). Per head:
-    ``out = relu(q) @ (relu(k)^T v) / (relu(q) . sum_n relu(k) + eps)``, which equals the
-    official "pad V with a row of ones" formulation without materialising the padded V: the
-    key sum rides along as one extra column of the (d, d) key-value matrix.
-    Returns (B, N, C) in v's dtype.
+    ``out = relu(q) @ (relu(k)^T v) / (relu(q) . sum_n relu(k) + eps)``: the official "pad V with
+    a row of ones" result without materialising a padded V; the key sum rides along as one extra
+    column of the small (d, d) key-value matrix, so one product yields numerator and normaliser.
+    ``K^T V`` and the key sum accumulate in fp32, the last product runs in fp32, and the division
+    writes the (B, N, C) result in v's dtype directly. Returns (B, N, C).
     """
     B, N, C = q.shape
     d = C // heads
-    q = _contiguous_as(q.view(B, N, heads, d).transpose(1, 2), torch.float32).relu_()  # (B, h, N, d)
-    k = _contiguous_as(k.view(B, N, heads, d).permute(0, 2, 3, 1), torch.float32).relu_()  # (B, h, d, N)
-    v32 = _contiguous_as(v.view(B, N, heads, d).transpose(1, 2), torch.float32)  # (B, h, N, d)
-    kv = torch.cat([k @ v32, k.sum(dim=-1, keepdim=True)], dim=-1)  # (B, h, d, d + 1)
-    out = q @ kv  # (B, h, N, d + 1): numerator | normaliser
-    out = out[..., :d] / (out[..., d:] + LINEAR_ATTENTION_EPS)
-    return _contiguous_as(out.transpose(1, 2), v.dtype).view(B, N, C)
+    by_head = (B, heads, N, d)
+    k_h = torch.clamp_min(_split_heads(k, heads), 0, out=k.new_empty(by_head))  # relu(K), (B, h, N, d)
+    v_h = _split_heads(v, heads).contiguous()  # (B, h, N, d)
+    kv = torch.cat([_matmul_fp32(k_h.mT, v_h), k_h.sum(dim=2, dtype=torch.float32).unsqueeze(-1)], dim=-1)
+    q_h = q.new_empty(by_head, dtype=torch.float32)
+    torch.maximum(_split_heads(q, heads), q_h.new_zeros(1), out=q_h)  # relu(Q) cast to fp32 in one pass
+    out = q_h @ kv  # (B, h, N, d + 1): numerator | normaliser
+    ratio = (out[..., :d], out[..., d:] + LINEAR_ATTENTION_EPS)
+    if torch.compiler.is_compiling():  # dynamo refuses strided out=; inductor fuses this chain anyway
+        return (ratio[0] / ratio[1]).transpose(1, 2).reshape(B, N, C).to(v.dtype)
+    result = v.new_empty(B, N, C)
+    torch.div(*ratio, out=_split_heads(result, heads))  # eager: divide, cast and re-lay out in one pass
+    return result
 
 
-def _contiguous_as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` in ``dtype``, laid out contiguously, in one copy (``Tensor.to`` ignores
-    ``memory_format`` when the dtype already matches, hence the two branches)."""
-    if t.dtype == dtype:
-        return t.contiguous()
-    return t.to(dtype=dtype, memory_format=torch.contiguous_format)
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, C) -> (B, h, N, C / h) view."""
+    B, N, C = x.shape
+    return x.view(B, N, heads, C // heads).transpose(1, 2)
+
+
+_BMM_OUT_DTYPE = hasattr(torch.ops.aten.bmm, "dtype")  # bf16/fp16 inputs, fp32 result (CUDA, torch >= 2.8)
+
+
+def _matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b accumulated and returned in fp32; (..., M, K) @ (..., K, N), batch dims merge as views."""
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and _BMM_OUT_DTYPE:
+        batch = a.shape[:-2]
+        a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+        product = torch.bmm(a3, b3, out_dtype=torch.float32)
+        return product.view(*batch, *product.shape[-2:])
+    return a.float() @ b.float()
 
 
 def text_mask_to_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -183,9 +201,9 @@ def _cast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.to(device=like.device, dtype=like.dtype)
 
 
-def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """adaLN: LayerNorm (no affine) then x * (1 + scale) + shift; shift/scale (B, 1, C)."""
-    return torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=eps), 1 + scale)
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale_plus_one: torch.Tensor, eps: float) -> torch.Tensor:
+    """adaLN: LayerNorm (no affine) then x * (1 + scale) + shift; shift, 1 + scale: (B, 1, C)."""
+    return torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=eps), scale_plus_one)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,7 +304,10 @@ class LinearAttention(nn.Module):
             out = relu_linear_attention(q, k, v, self.heads)
         else:
             out = replace(q, k, v, {**(extra_options or {}), "heads": self.heads})
-        return self.proj(out)
+        out = self.proj(out)
+        if out.dtype == torch.float16:  # as upstream: keep fp16 releases finite
+            out = out.clip(-65504, 65504)
+        return out
 
 
 class CrossAttention(nn.Module):
@@ -297,7 +318,8 @@ class CrossAttention(nn.Module):
         super().__init__()
         self.heads = num_heads
         self.q_linear = operations.Linear(hidden_size, hidden_size, bias=True, device=device, dtype=dtype)
-        self.kv_linear = operations.Linear(hidden_size, 2 * hidden_size, bias=True, device=device, dtype=dtype)
+        self.kv_linear = operations.Linear(hidden_size, 2 * hidden_size, bias=True, device=device,
+                                           dtype=dtype)
         if qk_norm:
             self.q_norm = operations.RMSNorm(hidden_size, eps=1e-5, device=device, dtype=dtype)
             self.k_norm = operations.RMSNorm(hidden_size, eps=1e-5, device=device, dtype=dtype)
@@ -331,7 +353,8 @@ class GLUMBConv(nn.Module):
             operations.Linear(hidden_size, 2 * inner, bias=True, device=device, dtype=dtype))
         self.depth_conv = _ConvSlot(operations.Conv2d(
             2 * inner, 2 * inner, 3, padding=1, groups=2 * inner, bias=True, device=device, dtype=dtype))
-        self.point_conv = _ConvSlot(operations.Linear(inner, hidden_size, bias=False, device=device, dtype=dtype))
+        self.point_conv = _ConvSlot(
+            operations.Linear(inner, hidden_size, bias=False, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """x: (B, N, C) with N = height * width -> (B, N, C)."""
@@ -348,7 +371,8 @@ class SanaBlock(nn.Module):
     """SanaMSBlock: adaLN-single linear self-attention, cross-attention, GLUMBConv."""
 
     def __init__(self, hidden_size: int, num_heads: int, linear_head_dim: int, mlp_ratio: float,
-                 qk_norm: bool, norm_eps: float = 1e-6, device=None, dtype=None, operations=DEFAULT_OPERATIONS):
+                 qk_norm: bool, norm_eps: float = 1e-6, device=None, dtype=None,
+                 operations=DEFAULT_OPERATIONS):
         super().__init__()
         self.norm_eps = norm_eps
         self.scale_shift_table = nn.Parameter(torch.empty(6, hidden_size, device=device, dtype=dtype))
@@ -357,9 +381,12 @@ class SanaBlock(nn.Module):
         self.mlp = GLUMBConv(hidden_size, mlp_ratio, device, dtype, operations)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, t0: torch.Tensor, mask_bias: torch.Tensor | None,
-                height: int, width: int, attn_replace=None, extra_options: dict | None = None) -> torch.Tensor:
-        """x: (B, N, C); y: (B, L, C); t0: (B, 6, 1, C) from t_block; returns (B, N, C)."""
+                height: int, width: int, attn_replace=None,
+                extra_options: dict | None = None) -> torch.Tensor:
+        """x: (B, N, C); y: (B, L, C); t0: (B, 6, 1, C) from t_block with 1 already added to its
+        two scale rows (``SanaTransformer.adaln_single``); returns (B, N, C)."""
         modulation = _cast(self.scale_shift_table, x)[:, None, :] + t0  # (B, 6, 1, C)
+        # the two scales arrive as 1 + scale
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.unbind(1)
         # 1. linear self-attention
         attn = self.attn(_modulate(x, shift_msa, scale_msa, self.norm_eps), attn_replace, extra_options)
@@ -385,7 +412,7 @@ class FinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x: (B, N, C), t: (B, C) embedded timestep -> (B, N, p*p*out)."""
         shift, scale = (_cast(self.scale_shift_table, x)[None] + t[:, None]).chunk(2, dim=1)
-        return self.linear(_modulate(x, shift, scale, self.norm_eps))
+        return self.linear(_modulate(x, shift, 1 + scale, self.norm_eps))
 
 
 class SanaTransformer(nn.Module):
@@ -476,7 +503,7 @@ class SanaTransformer(nn.Module):
         t = self.t_embedder(self._timesteps(timesteps, B, x.device), dtype)  # (B, C)
         if self.cfg_embedder is not None:
             t = t + self.cfg_embedder(self._guidance(guidance, B, x.device), dtype)
-        t0 = self.t_block(t).view(B, 6, 1, self.hidden_size)
+        t0 = self.adaln_single(t)  # (B, 6, 1, C)
 
         # 3. caption projection + y-norm, text mask as an additive bias
         y = self.attention_y_norm(self.y_embedder(context.to(dtype)))  # (B, L, C)
@@ -489,11 +516,19 @@ class SanaTransformer(nn.Module):
         out = self.final_layer(tokens, t)  # (B, N, p*p*out)
         return self._unpatchify(out, B, height, width)
 
+    def adaln_single(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, C) embedded timestep -> (B, 6, 1, C) modulation shared by all blocks, with the
+        "1 +" of both scales added here once instead of in every block."""
+        t0 = self.t_block(t).view(t.shape[0], 2, 3, 1, self.hidden_size)
+        t0[:, :, 1] += 1  # rows 1 and 4: scale_msa, scale_mlp
+        return t0.view(t.shape[0], 6, 1, self.hidden_size)
+
     def _timesteps(self, timesteps: torch.Tensor | float, batch: int, device: torch.device) -> torch.Tensor:
         t = torch.as_tensor(timesteps, device=device).float().reshape(-1).expand(batch)
         return t if self.timestep_norm_scale == 1.0 else t / self.timestep_norm_scale
 
-    def _guidance(self, guidance: torch.Tensor | float | None, batch: int, device: torch.device) -> torch.Tensor:
+    def _guidance(self, guidance: torch.Tensor | float | None, batch: int,
+                  device: torch.device) -> torch.Tensor:
         if guidance is None or not torch.is_tensor(guidance):
             value = SPRINT_DEFAULT_GUIDANCE if guidance is None else float(guidance)
             return torch.full((batch,), value * self.guidance_embeds_scale, device=device)

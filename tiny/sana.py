@@ -83,7 +83,8 @@ def _official_extras(config: SanaConfig, generator: torch.Generator) -> dict[str
                                         torch.device("cpu"))
     extras = {
         "pos_embed": pos_embed.contiguous(),
-        "y_embedder.y_embedding": torch.randn(NULL_CAPTION_TOKENS, config.caption_channels, generator=generator),
+        "y_embedder.y_embedding": torch.randn(NULL_CAPTION_TOKENS, config.caption_channels,
+                                              generator=generator),
     }
     if config.guidance_embeds:
         extras["logvar_linear.weight"] = torch.randn(1, config.hidden_size, generator=generator)
@@ -213,10 +214,12 @@ def write_all_layouts(root: str | Path, config: SanaConfig, state_dict: Mapping[
         "official_pth": write_official_pth(root / "official.pth", state_dict),
         "official_safetensors": write_safetensors(root / "official.safetensors", state_dict),
         "diffusers_file": write_diffusers_single_file(root / "diffusers.safetensors", state_dict),
-        "diffusers_legacy_file": write_diffusers_single_file(root / "legacy.safetensors", state_dict, legacy=True),
+        "diffusers_legacy_file": write_diffusers_single_file(root / "legacy.safetensors", state_dict,
+                                                             legacy=True),
         "diffusers_folder": write_diffusers_folder(root / "pipeline", config, state_dict),
         "diffusers_sharded_folder": write_diffusers_folder(root / "sharded", config, state_dict, shards=2),
-        "comfyui_file": write_safetensors(root / "comfyui.safetensors", state_dict, prefix="model.diffusion_model."),
+        "comfyui_file": write_safetensors(root / "comfyui.safetensors", state_dict,
+                                          prefix="model.diffusion_model."),
         "hf_cache": write_hf_cache_repo(root / "hf_cache", repo_id, config, state_dict),
     }
 
