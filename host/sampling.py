@@ -51,9 +51,23 @@ def flow_sigmas(model, scheduler: str, steps: int, shift: float, denoise: float 
     return sigmas[-(steps + 1):]
 
 
+def conditioning_on(conditioning: list, device: torch.device) -> list:
+    """A copy of CONDITIONING whose tensors live on ``device``.
+
+    Core keeps conditioning on the CPU and copies it to the GPU at every step; a pageable copy
+    waits for the GPU to drain, so the CPU cannot queue the next step's kernels ahead.
+    """
+    def moved(value):
+        return value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+
+    return [[moved(tensor), {key: moved(value) for key, value in extra.items()}] for tensor, extra in conditioning]
+
+
 def sample_latent(model, positive, negative, latent: dict, seed: int, cfg: float,
                   sampler: comfy.samplers.KSAMPLER, sigmas: torch.Tensor) -> dict:
     """Run one sampling pass; returns a LATENT dict with the denoised samples."""
+    device = model.load_device
+    positive, negative = conditioning_on(positive, device), conditioning_on(negative, device)
     latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     callback = latent_preview.prepare_callback(model, len(sigmas) - 1)

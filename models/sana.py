@@ -153,8 +153,9 @@ def relu_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hea
     ``out = relu(q) @ (relu(k)^T v) / (relu(q) . sum_n relu(k) + eps)``: the official "pad V with
     a row of ones" result without materialising a padded V; the key sum rides along as one extra
     column of the small (d, d) key-value matrix, so one product yields numerator and normaliser.
-    ``K^T V`` and the key sum accumulate in fp32, the last product runs in fp32, and the division
-    writes the (B, N, C) result in v's dtype directly. Returns (B, N, C).
+    ``K^T V`` and the key sum accumulate in fp32; the last product runs in fp32, except for bf16
+    inputs (see ``_attention_product_dtype``); the division writes the (B, N, C) result in v's
+    dtype directly. Returns (B, N, C).
     """
     B, N, C = q.shape
     d = C // heads
@@ -162,15 +163,23 @@ def relu_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hea
     k_h = torch.clamp_min(_split_heads(k, heads), 0, out=k.new_empty(by_head))  # relu(K), (B, h, N, d)
     v_h = _split_heads(v, heads).contiguous()  # (B, h, N, d)
     kv = torch.cat([_matmul_fp32(k_h.mT, v_h), k_h.sum(dim=2, dtype=torch.float32).unsqueeze(-1)], dim=-1)
-    q_h = q.new_empty(by_head, dtype=torch.float32)
-    torch.maximum(_split_heads(q, heads), q_h.new_zeros(1), out=q_h)  # relu(Q) cast to fp32 in one pass
-    out = q_h @ kv  # (B, h, N, d + 1): numerator | normaliser
+    product_dtype = _attention_product_dtype(v.dtype)
+    q_h = q.new_empty(by_head, dtype=product_dtype)
+    torch.maximum(_split_heads(q, heads), q_h.new_zeros(1), out=q_h)  # relu(Q), cast and laid out in one pass
+    out = q_h @ kv.to(product_dtype)  # (B, h, N, d + 1): numerator | normaliser
     ratio = (out[..., :d], out[..., d:] + LINEAR_ATTENTION_EPS)
     if torch.compiler.is_compiling():  # dynamo refuses strided out=; inductor fuses this chain anyway
         return (ratio[0] / ratio[1]).transpose(1, 2).reshape(B, N, C).to(v.dtype)
     result = v.new_empty(B, N, C)
     torch.div(*ratio, out=_split_heads(result, heads))  # eager: divide, cast and re-lay out in one pass
     return result
+
+
+def _attention_product_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The official code upcasts linear attention to fp32 for its fp16 releases (``fp32_attention``,
+    which also keeps fp16 finite) and runs it in the autocast dtype for its bf16 releases; following
+    it keeps bf16 models on the tensor cores and halves the attention's memory traffic."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ from ..host.model_paths import model_choices, resolve_model_choice
 
 CATEGORY = "Velox/Sana"
 DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+COMPILE_MODES = {"off": None, "inductor": "default", "inductor + cuda graphs": "reduce-overhead"}
 
 
 def _is_sana_folder(path) -> bool:
@@ -50,9 +51,10 @@ class SanaModelLoader(io.ComfyNode):
                                "repository already in the Hugging Face cache (never downloaded)."),
                 io.Combo.Input("weight_dtype", options=list(DTYPES), default="default",
                                tooltip="Weight precision; 'default' lets ComfyUI pick for this GPU."),
-                io.Boolean.Input("compile", default=False,
-                                 tooltip="torch.compile the transformer at the first sampling step "
-                                 "(compiled once per resolution and batch size)."),
+                io.Combo.Input("compile", options=list(COMPILE_MODES), default="off",
+                               tooltip="torch.compile the transformer at its first sampling step, once per "
+                               "resolution and batch size (about a minute each). 'cuda graphs' also "
+                               "removes launch overhead; use it only when the model stays on the GPU."),
             ],
             outputs=[io.Model.Output()],
         )
@@ -63,10 +65,10 @@ class SanaModelLoader(io.ComfyNode):
 
         path = resolve_model_choice("diffusion_models", model_name)
         model = load_sana_model(path, dtype=DTYPES[weight_dtype])
-        if compile:
+        if COMPILE_MODES[compile] is not None:
             from comfy_api.torch_helpers import set_torch_compile_wrapper
 
-            set_torch_compile_wrapper(model=model, backend="inductor", dynamic=False)
+            set_torch_compile_wrapper(model=model, backend="inductor", dynamic=False, mode=COMPILE_MODES[compile])
         return io.NodeOutput(model)
 
 
