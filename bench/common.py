@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import statistics
@@ -14,17 +13,9 @@ from typing import Callable
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
 
-
-def register_pack() -> None:
-    """Import the repository as the package ``velox`` (as tests/conftest.py does)."""
-    if "velox" in sys.modules:
-        return
-    spec = importlib.util.spec_from_file_location("velox", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["velox"] = module
-    spec.loader.exec_module(module)
+from velox_import import register_pack  # noqa: E402,F401  (re-exported for the benches)
 
 
 def boot_comfy(comfyui: str | None = None) -> None:

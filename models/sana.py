@@ -288,6 +288,13 @@ class CaptionEmbedder(nn.Module):
         return self.y_proj(y)
 
 
+def _qk_norms(enabled: bool, hidden_size: int, device, dtype, operations) -> tuple:
+    """Sana 1.5 / Sprint q and k RMSNorms across all heads (diffusers: rms_norm_across_heads)."""
+    if not enabled:
+        return None, None
+    return tuple(operations.RMSNorm(hidden_size, eps=1e-5, device=device, dtype=dtype) for _ in range(2))
+
+
 class LinearAttention(nn.Module):
     """LiteLA: qkv Linear (no bias), optional RMS q/k norm across heads, ReLU linear attention."""
 
@@ -296,11 +303,7 @@ class LinearAttention(nn.Module):
         super().__init__()
         self.heads = hidden_size // head_dim
         self.qkv = operations.Linear(hidden_size, 3 * hidden_size, bias=False, device=device, dtype=dtype)
-        if qk_norm:
-            self.q_norm = operations.RMSNorm(hidden_size, eps=1e-5, device=device, dtype=dtype)
-            self.k_norm = operations.RMSNorm(hidden_size, eps=1e-5, device=device, dtype=dtype)
-        else:
-            self.q_norm = self.k_norm = None
+        self.q_norm, self.k_norm = _qk_norms(qk_norm, hidden_size, device, dtype, operations)
         self.proj = operations.Linear(hidden_size, hidden_size, bias=True, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, replace=None, extra_options: dict | None = None) -> torch.Tensor:
@@ -329,11 +332,7 @@ class CrossAttention(nn.Module):
         self.q_linear = operations.Linear(hidden_size, hidden_size, bias=True, device=device, dtype=dtype)
         self.kv_linear = operations.Linear(hidden_size, 2 * hidden_size, bias=True, device=device,
                                            dtype=dtype)
-        if qk_norm:
-            self.q_norm = operations.RMSNorm(hidden_size, eps=1e-5, device=device, dtype=dtype)
-            self.k_norm = operations.RMSNorm(hidden_size, eps=1e-5, device=device, dtype=dtype)
-        else:
-            self.q_norm = self.k_norm = None
+        self.q_norm, self.k_norm = _qk_norms(qk_norm, hidden_size, device, dtype, operations)
         self.proj = operations.Linear(hidden_size, hidden_size, bias=True, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, mask_bias: torch.Tensor | None) -> torch.Tensor:

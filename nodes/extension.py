@@ -6,10 +6,11 @@ from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
 from .sampler_nodes import SAMPLER_NODES
+from .sana_guidance_nodes import SANA_GUIDANCE_NODES
 from .sana_nodes import SANA_NODES
 
 
 class VeloxExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*SANA_NODES, *SAMPLER_NODES]
+        return [*SANA_NODES, *SAMPLER_NODES, *SANA_GUIDANCE_NODES]

@@ -12,8 +12,10 @@ from ..host.sampling import (
     sampler_object,
     with_flow_shift,
 )
+from ..host.sana_sprint import is_sprint_model, sample_single_pass, sprint_sigmas, trigflow_sampler
 from ..sampling.flow_schedules import FLOW_SCHEDULES
 from ..sampling.presets import CUSTOM, PRESET_CHOICES, SAMPLING_PRESETS, preset_help
+from ..sampling.trigflow import TRIGFLOW
 
 CATEGORY = "Velox/sampling"
 
@@ -45,7 +47,9 @@ class VeloxSampler(io.ComfyNode):
                              tooltip="Noise seed; the same seed gives the same image."),
                 io.Int.Input("steps", default=20, min=1, max=1000, tooltip="Used when preset is 'custom'."),
                 io.Float.Input("cfg", default=4.5, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance scale. Used when preset is 'custom'."),
+                               tooltip="Classifier-free guidance scale. Used when preset is 'custom'. "
+                               "SANA-Sprint models take it as their embedded guidance and run one pass "
+                               "per step (true CFG 1, negative ignored)."),
                 io.Combo.Input("sampler_name", options=SAMPLER_CHOICES, default="flow_dpm_solver",
                                tooltip="flow_dpm_solver is Sana's reference solver; every core sampler "
                                "works too. Used when preset is 'custom'."),
@@ -68,6 +72,18 @@ class VeloxSampler(io.ComfyNode):
             raise ValueError(f"VeloxSampler: steps must be at least 1, got {steps}")
         if denoise <= 0.0:
             return io.NodeOutput(latent_image)
+        sprint = is_sprint_model(model)
+        if sampler_name == TRIGFLOW and not sprint:
+            raise ValueError(f"VeloxSampler: preset '{preset}' samples SANA-Sprint (TrigFlow); this MODEL has no "
+                             "Sprint guidance embedder. Load a Sana_Sprint checkpoint or pick a Sana preset.")
+        if sprint:  # guidance-distilled: cfg is embedded in the model, one pass per step
+            if sampler_name == TRIGFLOW:
+                sampler, sigmas = trigflow_sampler(), sprint_sigmas(steps, denoise)
+            else:
+                model = with_flow_shift(model, shift)
+                sampler, sigmas = sampler_object(sampler_name), flow_sigmas(model, scheduler, steps, shift, denoise)
+            out = sample_single_pass(model, positive, negative, latent_image, seed, cfg, sampler, sigmas)
+            return io.NodeOutput(out)
         model = with_flow_shift(model, shift)
         sigmas = flow_sigmas(model, scheduler, steps, shift, denoise)
         out = sample_latent(model, positive, negative, latent_image, seed, cfg, sampler_object(sampler_name), sigmas)

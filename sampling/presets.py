@@ -29,6 +29,14 @@ SAMPLING_PRESETS: dict[str, SamplingPreset] = {
     # Sana 4K: flow_shift 6.0 and CFG 5.0 (sana.md §4)
     "sana_4k": SamplingPreset("Sana 4K: 20 steps, CFG 5, shift 6, Flow-DPM-Solver", 20, 5.0, 6.0,
                               "flow_dpm_solver", "flow_dpm_solver"),
+    # SANA-Sprint (sana.md §1.7): TrigFlow times from pi/2 (2 steps: pi/2 -> 1.3 -> 0), guidance 4.5
+    # fed to the model's guidance embedder (cfg below), one pass per step; Sprint has no flow shift
+    "sprint_1step": SamplingPreset("SANA-Sprint: 1 step, guidance 4.5 embedded (no CFG pass), TrigFlow", 1, 4.5,
+                                   1.0, "trigflow", "trigflow"),
+    "sprint_2step": SamplingPreset("SANA-Sprint: 2 steps (pi/2, 1.3, 0), guidance 4.5 embedded, TrigFlow", 2, 4.5,
+                                   1.0, "trigflow", "trigflow"),
+    "sprint_4step": SamplingPreset("SANA-Sprint: 4 steps, guidance 4.5 embedded, TrigFlow", 4, 4.5,
+                                   1.0, "trigflow", "trigflow"),
 }
 
 CUSTOM = "custom"

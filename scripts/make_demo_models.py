@@ -12,7 +12,6 @@ Re-running is cheap: a stamp records what was written.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import shutil
 import sys
 import tempfile
@@ -22,22 +21,15 @@ import torch
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from velox_import import register_pack  # noqa: E402
+
 DEMO_VERSION = "3"  # bump when a tiny model or a file name changes
 
 SANA_FILE = "diffusion_models/Sana_1600M_1024px_BF16.pth"
 GEMMA_FOLDER = "text_encoders/gemma-2-2b-it"
 DCAE_FOLDER = "vae/dc-ae-f32c32-sana-1.1-diffusers"
-
-
-def register_pack() -> None:
-    """Import the repository as the package ``velox`` (no ComfyUI needed)."""
-    if "velox" in sys.modules:
-        return
-    spec = importlib.util.spec_from_file_location("velox", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["velox"] = module
-    spec.loader.exec_module(module)
 
 
 def write_sana(models: Path) -> None:

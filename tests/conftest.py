@@ -8,7 +8,6 @@ into CPU mode before anything imports ``comfy``.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -16,17 +15,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
 
-
-def _register_pack_as_velox() -> None:
-    if "velox" in sys.modules:
-        return
-    spec = importlib.util.spec_from_file_location(
-        "velox", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["velox"] = module
-    spec.loader.exec_module(module)
+from velox_import import register_pack  # noqa: E402
 
 
 def comfyui_path() -> Path | None:
@@ -57,7 +48,7 @@ def _boot_comfy_on_cpu() -> bool:
     return True
 
 
-_register_pack_as_velox()
+register_pack()
 
 
 @pytest.fixture(scope="session")
