@@ -69,6 +69,7 @@ def cpu_noise_sampler(x: torch.Tensor, seed: int | None) -> Callable:
     return draw
 
 
+@torch.no_grad()  # as k-diffusion's samplers: the engine never needs the graph
 def sample_trigflow(
     model: Callable,
     x: torch.Tensor,

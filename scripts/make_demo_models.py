@@ -12,6 +12,7 @@ Re-running is cheap: a stamp records what was written.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import sys
 import tempfile
@@ -25,9 +26,11 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from velox_import import register_pack  # noqa: E402
 
-DEMO_VERSION = "3"  # bump when a tiny model or a file name changes
+DEMO_VERSION = "4"  # bump when a tiny model or a file name changes
 
 SANA_FILE = "diffusion_models/Sana_1600M_1024px_BF16.pth"
+SPRINT_FILE = "diffusion_models/Sana_Sprint_1.6B_1024px.pth"
+SANA_4K_FILE = "diffusion_models/Sana_1600M_4Kpx_BF16.pth"
 GEMMA_FOLDER = "text_encoders/gemma-2-2b-it"
 DCAE_FOLDER = "vae/dc-ae-f32c32-sana-1.1-diffusers"
 
@@ -40,6 +43,26 @@ def write_sana(models: Path) -> None:
     config = SanaConfig(name="demo_tiny_sana", hidden_size=64, depth=2, num_heads=2,
                         caption_channels=TINY_GEMMA_HIDDEN)
     write_official_pth(models / SANA_FILE, tiny_sana_state_dict(config, seed=0))
+
+
+def write_sprint(models: Path) -> None:
+    """SANA-Sprint style: RMS q/k norm, guidance embedder (cfg_embedder), Sprint's logvar_linear."""
+    from velox.tiny.gemma import TINY_GEMMA_HIDDEN
+    from velox.tiny.sana import TINY_SANA_CONFIGS, tiny_sana_state_dict, write_official_pth
+
+    config = dataclasses.replace(TINY_SANA_CONFIGS["sprint"], name="demo_tiny_sprint",
+                                 caption_channels=TINY_GEMMA_HIDDEN)
+    write_official_pth(models / SPRINT_FILE, tiny_sana_state_dict(config, seed=1))
+
+
+def write_sana_4k(models: Path) -> None:
+    """4K style: sincos PE buffer with interpolation 2 (detected from the buffer), flow shift 6."""
+    from velox.tiny.gemma import TINY_GEMMA_HIDDEN
+    from velox.tiny.sana import TINY_SANA_CONFIGS, tiny_sana_state_dict, write_official_pth
+
+    config = dataclasses.replace(TINY_SANA_CONFIGS["sana_4k_pe"], name="demo_tiny_sana_4k",
+                                 caption_channels=TINY_GEMMA_HIDDEN)
+    write_official_pth(models / SANA_4K_FILE, tiny_sana_state_dict(config, seed=2))
 
 
 def write_gemma(models: Path) -> None:
@@ -78,7 +101,8 @@ def write_bad_files(models: Path) -> None:
         (folder / name).unlink(missing_ok=True)
 
 
-WRITERS = {"sana": write_sana, "gemma": write_gemma, "dcae": write_dcae}
+WRITERS = {"sana": write_sana, "sana sprint": write_sprint, "sana 4k": write_sana_4k, "gemma": write_gemma,
+           "dcae": write_dcae}
 
 
 def main(argv: list[str] | None = None) -> int:

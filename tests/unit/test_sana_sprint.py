@@ -60,31 +60,24 @@ def diffusers_sprint(pipe, steps: int) -> torch.Tensor:
 
 
 def velox_sprint(weights, steps: int) -> torch.Tensor:
+    """Our MODEL + TrigFlow SAMPLER on ComfyUI's engine, the initial noise handed in exactly."""
+    import comfy.sample
+
     from velox.host.sana_model import SANA_SCALE_FACTOR, build_sana_model
     from velox.host.sana_sprint import sample_single_pass, sprint_sigmas, trigflow_sampler
 
     prompt, mask, noise = inputs()
     model = build_sana_model(dict(weights), dtype=torch.float32)
-    # the noise enters through prepare_noise(seed): hand the exact tensor in as the latent's noise
     conditioning = [[prompt, {"attention_mask": mask}]]
-    out = sample_single_pass_with_noise(model, conditioning, noise, steps, sample_single_pass, sprint_sigmas,
-                                        trigflow_sampler)
-    return out * SANA_SCALE_FACTOR  # ComfyUI hands back VAE-space latents; diffusers keeps model space
-
-
-def sample_single_pass_with_noise(model, conditioning, noise, steps, sample_single_pass, sprint_sigmas,
-                                  trigflow_sampler):
-    """sample_single_pass with the initial noise replaced by ``noise`` (prepare_noise patched)."""
-    import comfy.sample
-
+    latent = {"samples": torch.zeros_like(noise)}
     original = comfy.sample.prepare_noise
-    comfy.sample.prepare_noise = lambda latent, seed, batch_index=None: noise.clone()
+    comfy.sample.prepare_noise = lambda latent_image, seed, batch_index=None: noise.clone()
     try:
-        latent = {"samples": torch.zeros_like(noise)}
-        return sample_single_pass(model, conditioning, conditioning, latent, SEED, GUIDANCE, trigflow_sampler(),
-                                  sprint_sigmas(steps))["samples"]
+        samples = sample_single_pass(model, conditioning, conditioning, latent, SEED, GUIDANCE, trigflow_sampler(),
+                                     sprint_sigmas(steps))["samples"]
     finally:
         comfy.sample.prepare_noise = original
+    return samples * SANA_SCALE_FACTOR  # ComfyUI hands back VAE-space latents; diffusers keeps model space
 
 
 def test_trigflow_times_are_the_official_schedules():
@@ -101,9 +94,8 @@ def test_trigflow_step_equals_scm_scheduler_step_in_flow_space():
     """cos(s) x_t - sin(s) F (SCMScheduler) is sigma_d times the flow denoised estimate x - sigma v."""
     g = torch.Generator().manual_seed(0)
     x0, noise, velocity = (torch.randn(2, 4, 3, 3, generator=g) for _ in range(3))
-    t = torch.tensor(1.1)
-    sigma = float(trigflow_sigmas(4)[1])  # t = 1.1781 for 4 steps; use the schedule's own time
     t = trigflow_times(4)[1]
+    sigma = float(trigflow_sigmas(4)[1])
     x_flow = (1 - sigma) * x0 + sigma * noise
     sigma_d = 0.5
     x_trig = x_flow * sigma_d * (torch.cos(t) + torch.sin(t))
