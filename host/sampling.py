@@ -15,8 +15,9 @@ import torch
 
 from ..sampling.flow_dpm_solver import sample_flow_dpm_solver
 from ..sampling.flow_schedules import FLOW_SCHEDULES
+from ..sampling.trigflow import TRIGFLOW, sample_trigflow
 
-VELOX_SAMPLERS = {"flow_dpm_solver": sample_flow_dpm_solver}
+VELOX_SAMPLERS = {"flow_dpm_solver": sample_flow_dpm_solver, TRIGFLOW: sample_trigflow}
 SAMPLER_CHOICES = [*VELOX_SAMPLERS, *comfy.samplers.KSampler.SAMPLERS]
 SCHEDULER_CHOICES = [*FLOW_SCHEDULES, *comfy.samplers.KSampler.SCHEDULERS]
 

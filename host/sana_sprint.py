@@ -12,8 +12,8 @@ from __future__ import annotations
 import comfy.samplers
 import node_helpers
 
-from ..sampling.trigflow import sample_trigflow, trigflow_sigmas
-from .sampling import sample_latent
+from ..sampling.trigflow import TRIGFLOW, trigflow_sigmas
+from .sampling import sample_latent, sampler_object
 from .sana_model import SanaModel
 
 
@@ -25,7 +25,7 @@ def is_sprint_model(model) -> bool:
 
 def trigflow_sampler() -> comfy.samplers.KSAMPLER:
     """Sprint's consistency sampler as a SAMPLER for core custom sampling."""
-    return comfy.samplers.KSAMPLER(sample_trigflow)
+    return sampler_object(TRIGFLOW)
 
 
 def sprint_sigmas(steps: int, denoise: float = 1.0):

@@ -40,7 +40,14 @@ def flow_dpm_solver_sigmas(steps: int, shift: float, train_timesteps: int = TRAI
     return torch.from_numpy(np.append(sigmas, 0.0).astype(np.float32))
 
 
+def _trigflow_sigmas(steps: int, shift: float) -> torch.Tensor:
+    from .trigflow import trigflow_sigmas  # SANA-Sprint's official times; Sprint has no shift
+
+    return trigflow_sigmas(steps)
+
+
 FLOW_SCHEDULES = {
     "flow_match_euler": flow_match_euler_sigmas,
     "flow_dpm_solver": flow_dpm_solver_sigmas,
+    "trigflow": _trigflow_sigmas,
 }
