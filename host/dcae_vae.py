@@ -24,8 +24,8 @@ import comfy.utils
 import torch
 from comfy.ldm.ace.vae.autoencoder_dc import AutoencoderDC
 
+from ..errors import VeloxLoadError
 from ..loaders.dcae_keys import EXPECTED_DCAE, DCAEConfig, prepare_dcae_state_dict
-from ..loaders.errors import VeloxLoadError
 
 DEFAULT_TILE_PX = 1024
 DEFAULT_OVERLAP_PX = 128

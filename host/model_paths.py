@@ -14,8 +14,8 @@ from typing import Callable
 
 import folder_paths
 
+from ..errors import VeloxLoadError
 from ..loaders.checkpoint_files import list_hf_cache_repos, resolve_hf_cache_repo
-from ..loaders.errors import VeloxLoadError
 
 HF_CACHE_PREFIX = "hf-cache: "
 

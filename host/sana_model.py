@@ -19,7 +19,7 @@ import comfy.supported_models_base
 import comfy.utils
 import torch
 
-from ..loaders.errors import VeloxLoadError
+from ..errors import VeloxLoadError
 from ..loaders.sana_detect import sniff_sana
 from ..models.sana import SanaConfig, SanaTransformer
 

@@ -39,7 +39,7 @@ import torch
 from comfy import sd1_clip
 from comfy.text_encoders import llama
 
-from ..loaders.errors import VeloxLoadError
+from ..errors import VeloxLoadError
 from ..loaders.sana_text import (  # noqa: F401  (re-exported: the text-encoder API)
     GEMMA2_2B_CONFIG,
     GEMMA2_CONFIG_METADATA_KEY,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import VeloxLoadError
+from ..errors import VeloxLoadError
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 WRAPPER_KEYS = ("state_dict", "model", "module")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import VeloxLoadError
+from ..errors import VeloxLoadError
 
 # Prefixes a DC-AE state dict may carry inside bigger files or other tools' saves.
 DCAE_PREFIXES: tuple[str, ...] = ("first_stage_model.", "vae.", "ae.", "dcae.", "model.", "module.")

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
+from ..errors import VeloxLoadError
 from ..models.sana import SANA_PRESETS, SanaConfig
 from .checkpoint_files import load_state_dict, resolve_diffusers_component, unwrap_state_dict
-from .errors import VeloxLoadError
 from .sana_keys import canonicalize_sana_state_dict, strip_sana_prefix
 
 DIFFUSERS_CLASS = "SanaTransformer2DModel"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import VeloxLoadError
+from ..errors import VeloxLoadError
 
 SANA_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 

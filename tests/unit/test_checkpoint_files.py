@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from velox.errors import VeloxLoadError
 from velox.loaders.checkpoint_files import (
     list_hf_cache_repos,
     load_state_dict,
@@ -18,7 +19,6 @@ from velox.loaders.checkpoint_files import (
     resolve_hf_cache_repo,
     unwrap_state_dict,
 )
-from velox.loaders.errors import VeloxLoadError
 from velox.loaders.sana_detect import (
     detect_sana_config,
     is_sana_diffusers_folder,

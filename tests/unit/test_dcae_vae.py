@@ -14,8 +14,8 @@ from diffusers import AutoencoderDC
 from diffusers.loaders.single_file_utils import convert_autoencoder_dc_checkpoint_to_diffusers
 from safetensors.torch import load_file
 
+from velox.errors import VeloxLoadError
 from velox.loaders.dcae_keys import SANA_DCAE_CONFIG, detect_dcae_config, prepare_dcae_state_dict
-from velox.loaders.errors import VeloxLoadError
 from velox.tiny.dcae import (
     TINY_DCAE_CONFIG,
     dcae_parameter_shapes,

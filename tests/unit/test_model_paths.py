@@ -52,8 +52,8 @@ def test_cached_repo_choice_loads_offline_as_a_model(sana_paths):
 
 
 def test_a_vanished_choice_is_a_clear_error(sana_paths):
+    from velox.errors import VeloxLoadError
     from velox.host.model_paths import resolve_model_choice
-    from velox.loaders.errors import VeloxLoadError
 
     with pytest.raises(VeloxLoadError, match="gone.pth: not found in models/diffusion_models"):
         resolve_model_choice("diffusion_models", "gone.pth")

@@ -197,7 +197,7 @@ def test_tiny_gemma_exercises_what_core_gemma2_lacks(tiny_sources, te, override)
 
 
 def test_missing_tokenizer_files_raise_naming_the_folder(tiny_sources, te, tmp_path):
-    from velox.loaders.errors import VeloxLoadError
+    from velox.errors import VeloxLoadError
 
     folder = shutil.copytree(tiny_sources["hf_folder"], tmp_path / "gemma-no-tokenizer")
     (folder / "tokenizer.model").unlink()
@@ -207,7 +207,7 @@ def test_missing_tokenizer_files_raise_naming_the_folder(tiny_sources, te, tmp_p
 
 
 def test_single_file_without_embedded_tokenizer_raises(tiny_sources, te, tmp_path):
-    from velox.loaders.errors import VeloxLoadError
+    from velox.errors import VeloxLoadError
 
     weights = load_file(tiny_sources["single_file"])
     del weights["spiece_model"]
@@ -218,7 +218,7 @@ def test_single_file_without_embedded_tokenizer_raises(tiny_sources, te, tmp_pat
 
 
 def test_single_file_without_config_must_have_gemma_2_2b_shapes(tiny_sources, te, tmp_path):
-    from velox.loaders.errors import VeloxLoadError
+    from velox.errors import VeloxLoadError
 
     path = tmp_path / "gemma_tiny_no_metadata.safetensors"
     save_file(load_file(tiny_sources["single_file"]), str(path))  # drops the config in the metadata
@@ -238,7 +238,7 @@ WRONG_FILES = {
 
 @pytest.mark.parametrize("kind", list(WRONG_FILES))
 def test_wrong_file_into_gemma_loader_raises(te, tmp_path, kind):
-    from velox.loaders.errors import VeloxLoadError
+    from velox.errors import VeloxLoadError
 
     weights, message = WRONG_FILES[kind]
     path = tmp_path / f"{kind}.safetensors"
@@ -248,7 +248,7 @@ def test_wrong_file_into_gemma_loader_raises(te, tmp_path, kind):
 
 
 def test_t5_folder_into_gemma_loader_raises(te, tmp_path):
-    from velox.loaders.errors import VeloxLoadError
+    from velox.errors import VeloxLoadError
 
     folder = tmp_path / "t5-tiny"
     folder.mkdir()

@@ -1,4 +1,6 @@
-"""The one error type loaders raise: it always names the file and what was expected."""
+"""The one error type Velox raises for bad input: it always names the file and what was expected.
+
+It sits at the bottom of the layers (kernels, models, loaders and the host all raise it)."""
 
 from __future__ import annotations
 

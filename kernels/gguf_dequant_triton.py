@@ -1,0 +1,245 @@
+"""GGUF dequantization in Triton: one kernel per type, one program per tile of whole blocks.
+
+Each program takes ``TILE`` consecutive blocks and produces their ``TILE x BLOCK`` values; every
+element gathers the bytes it needs (L1 serves the repeats). The math is fp32 in gguf-py's order and
+launches with ``enable_fp_fusion=False``, so ``a * b - c`` is never contracted into an FMA: that
+keeps the output bit-exact with ``gguf.quants.dequantize`` and with the PyTorch twin.
+
+Importing this module without Triton installed is fine: ``AVAILABLE`` is then False and
+``kernels/gguf_dequant.py`` uses the twin.
+"""
+
+from __future__ import annotations
+
+import torch
+from gguf import GGMLQuantizationType
+
+from .gguf_dequant_torch import as_blocks, iq4_code_book
+from .gguf_types import block_layout
+
+try:
+    import triton
+    import triton.language as tl
+
+    AVAILABLE = True
+except ImportError:  # the pack still works, on the PyTorch twin
+    AVAILABLE = False
+
+Q = GGMLQuantizationType
+ELEMENTS_PER_PROGRAM = 4096  # 16 K-quant blocks or 128 legacy blocks per program
+
+if AVAILABLE:
+
+    @triton.jit
+    def _byte(src, offset, mask):
+        return tl.load(src + offset, mask=mask, other=0).to(tl.int32)
+
+    @triton.jit
+    def _f16(src, offset, mask):
+        bits = _byte(src, offset, mask) | (_byte(src, offset + 1, mask) << 8)
+        return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+    @triton.jit
+    def _nibble(src, offset, shift, mask):
+        return (_byte(src, offset, mask) >> shift) & 15
+
+    @triton.jit
+    def _tile(n_blocks, TILE: tl.constexpr, BLOCK: tl.constexpr, TYPE_SIZE: tl.constexpr):
+        """Block index (TILE, 1) as int64, element in block (1, BLOCK), byte base (TILE, 1), mask."""
+        block = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)[:, None]
+        e = tl.arange(0, BLOCK)[None, :]
+        return block, e, block * TYPE_SIZE, block < n_blocks
+
+    @triton.jit
+    def _to_output(value, out, BF16_OUT: tl.constexpr):
+        """fp32 -> the output's dtype; bf16 by integer round-to-nearest-even into an int16 view.
+
+        Rounding by hand gives torch's ``.to(torch.bfloat16)`` bits on every backend (the
+        interpreter's own fp32 -> bf16 cast does not round to nearest even).
+        """
+        if BF16_OUT:
+            bits = value.to(tl.uint32, bitcast=True)
+            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            rounded = tl.where(value != value, 0x7FC0, rounded)  # NaN stays a (quiet) NaN
+            return rounded.to(tl.int16)
+        return value.to(out.dtype.element_ty)
+
+    @triton.jit
+    def _store(out, block, e, value, mask, BLOCK: tl.constexpr, BF16_OUT: tl.constexpr):
+        tl.store(out + block * BLOCK + e, _to_output(value, out, BF16_OUT), mask=mask)
+
+    @triton.jit
+    def _float_kernel(src, out, n, TILE: tl.constexpr, KIND: tl.constexpr, BF16_OUT: tl.constexpr):
+        """F32 / F16 / BF16 (KIND 0 / 1 / 2): ``src`` is the bytes viewed as int32 / fp16 / int16."""
+        i = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
+        mask = i < n
+        if KIND == 2:
+            # bf16 is the top half of an fp32: a shift, exactly as gguf-py does it
+            x = (tl.load(src + i, mask=mask, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+        elif KIND == 1:
+            x = tl.load(src + i, mask=mask, other=0).to(tl.float32)
+        else:
+            x = tl.load(src + i, mask=mask, other=0).to(tl.float32, bitcast=True)
+        tl.store(out + i, _to_output(x, out, BF16_OUT), mask=mask)
+
+    @triton.jit
+    def _q8_0_kernel(src, out, lut, n_blocks, TILE: tl.constexpr, BF16_OUT: tl.constexpr):
+        block, e, base, mask = _tile(n_blocks, TILE, 32, 34)
+        q = _byte(src, base + 2 + e, mask).to(tl.int8).to(tl.float32)
+        _store(out, block, e, q * _f16(src, base, mask), mask, 32, BF16_OUT)
+
+    @triton.jit
+    def _q4_0_kernel(src, out, lut, n_blocks, TILE: tl.constexpr, BF16_OUT: tl.constexpr):
+        block, e, base, mask = _tile(n_blocks, TILE, 32, 18)
+        q = _nibble(src, base + 2 + e % 16, (e // 16) * 4, mask) - 8
+        _store(out, block, e, _f16(src, base, mask) * q.to(tl.float32), mask, 32, BF16_OUT)
+
+    @triton.jit
+    def _q4_1_kernel(src, out, lut, n_blocks, TILE: tl.constexpr, BF16_OUT: tl.constexpr):
+        block, e, base, mask = _tile(n_blocks, TILE, 32, 20)
+        q = _nibble(src, base + 4 + e % 16, (e // 16) * 4, mask)
+        value = _f16(src, base, mask) * q.to(tl.float32) + _f16(src, base + 2, mask)
+        _store(out, block, e, value, mask, 32, BF16_OUT)
+
+    @triton.jit
+    def _q5_0_kernel(src, out, lut, n_blocks, TILE: tl.constexpr, BF16_OUT: tl.constexpr):
+        block, e, base, mask = _tile(n_blocks, TILE, 32, 22)
+        high = (_byte(src, base + 2 + e // 8, mask) >> (e % 8)) & 1
+        q = (_nibble(src, base + 6 + e % 16, (e // 16) * 4, mask) | (high << 4)) - 16
+        _store(out, block, e, _f16(src, base, mask) * q.to(tl.float32), mask, 32, BF16_OUT)
+
+    @triton.jit
+    def _q5_1_kernel(src, out, lut, n_blocks, TILE: tl.constexpr, BF16_OUT: tl.constexpr):
+        block, e, base, mask = _tile(n_blocks, TILE, 32, 24)
+        high = (_byte(src, base + 4 + e // 8, mask) >> (e % 8)) & 1
+        q = _nibble(src, base + 8 + e % 16, (e // 16) * 4, mask) | (high << 4)
+        value = _f16(src, base, mask) * q.to(tl.float32) + _f16(src, base + 2, mask)
+        _store(out, block, e, value, mask, 32, BF16_OUT)
+
+    @triton.jit
+    def _q2_k_kernel(src, out, lut, n_blocks, TILE: tl.constexpr, BF16_OUT: tl.constexpr):
+        # scales[16] @0 · qs[64] @16 (element 128c + 32s + i: byte 32c + i, bits 2s) · d @80 · dmin @82
+        block, e, base, mask = _tile(n_blocks, TILE, 256, 84)
+        scale = _byte(src, base + e // 16, mask)
+        q = (_byte(src, base + 16 + (e // 128) * 32 + e % 32, mask) >> (((e // 32) % 4) * 2)) & 3
+        dl = _f16(src, base + 80, mask) * (scale & 15).to(tl.float32)
+        ml = _f16(src, base + 82, mask) * (scale >> 4).to(tl.float32)
+        _store(out, block, e, dl * q.to(tl.float32) - ml, mask, 256, BF16_OUT)
+
+    @triton.jit
+    def _q3_k_kernel(src, out, lut, n_blocks, TILE: tl.constexpr, BF16_OUT: tl.constexpr):
+        # hmask[32] @0 (bit e // 32 of byte e % 32) · qs[64] @32 (as Q2_K) · scales[12] @96 · d @108
+        block, e, base, mask = _tile(n_blocks, TILE, 256, 110)
+        j = e // 16
+        low = _nibble(src, base + 96 + j % 8, (j // 8) * 4, mask)
+        high = (_byte(src, base + 104 + j % 4, mask) >> ((j // 4) * 2)) & 3
+        dl = _f16(src, base + 108, mask) * ((low | (high << 4)) - 32).to(tl.float32)
+        q2 = (_byte(src, base + 32 + (e // 128) * 32 + e % 32, mask) >> (((e // 32) % 4) * 2)) & 3
+        hbit = (_byte(src, base + e % 32, mask) >> (e // 32)) & 1
+        q = q2 - ((1 - hbit) << 2)  # a clear mask bit subtracts 4
+        _store(out, block, e, dl * q.to(tl.float32), mask, 256, BF16_OUT)
+
+    @triton.jit
+    def _k_scale_min(src, base, j, mask):
+        """Six-bit scale and min of sub-block j (0..7) of a Q4_K / Q5_K block (12 bytes at base + 4)."""
+        d = _byte(src, base + 4 + j % 4, mask)
+        m = _byte(src, base + 8 + j % 4, mask)
+        md = _byte(src, base + 12 + j % 4, mask)
+        scale = tl.where(j < 4, d & 63, (md & 15) | ((d >> 6) << 4))
+        minimum = tl.where(j < 4, m & 63, (md >> 4) | ((m >> 6) << 4))
+        return scale, minimum
+
+    @triton.jit
+    def _q4_k_kernel(src, out, lut, n_blocks, TILE: tl.constexpr, BF16_OUT: tl.constexpr):
+        # d @0 · dmin @2 · scales[12] @4 · qs[128] @16 (sub-block j: bytes 32 (j // 2) .., nibble j % 2)
+        block, e, base, mask = _tile(n_blocks, TILE, 256, 144)
+        j = e // 32
+        scale, minimum = _k_scale_min(src, base, j, mask)
+        q = _nibble(src, base + 16 + (j // 2) * 32 + e % 32, (j % 2) * 4, mask)
+        d = _f16(src, base, mask) * scale.to(tl.float32)
+        dm = _f16(src, base + 2, mask) * minimum.to(tl.float32)
+        _store(out, block, e, d * q.to(tl.float32) - dm, mask, 256, BF16_OUT)
+
+    @triton.jit
+    def _q5_k_kernel(src, out, lut, n_blocks, TILE: tl.constexpr, BF16_OUT: tl.constexpr):
+        # as Q4_K, plus qh[32] @16 (bit j of byte e % 32); qs[128] @48
+        block, e, base, mask = _tile(n_blocks, TILE, 256, 176)
+        j = e // 32
+        scale, minimum = _k_scale_min(src, base, j, mask)
+        high = (_byte(src, base + 16 + e % 32, mask) >> j) & 1
+        q = _nibble(src, base + 48 + (j // 2) * 32 + e % 32, (j % 2) * 4, mask) | (high << 4)
+        d = _f16(src, base, mask) * scale.to(tl.float32)
+        dm = _f16(src, base + 2, mask) * minimum.to(tl.float32)
+        _store(out, block, e, d * q.to(tl.float32) - dm, mask, 256, BF16_OUT)
+
+    @triton.jit
+    def _q6_k_kernel(src, out, lut, n_blocks, TILE: tl.constexpr, BF16_OUT: tl.constexpr):
+        # ql[128] @0 (element 128a + 64b + k: byte 64a + k, nibble b) · qh[64] @128 (element 128a + 32s + i:
+        # byte 32a + i, bits 2s) · scales int8[16] @192 · d @208
+        block, e, base, mask = _tile(n_blocks, TILE, 256, 210)
+        low = _nibble(src, base + (e // 128) * 64 + e % 64, ((e // 64) % 2) * 4, mask)
+        high = (_byte(src, base + 128 + (e // 128) * 32 + e % 32, mask) >> (((e // 32) % 4) * 2)) & 3
+        scale = _byte(src, base + 192 + e // 16, mask).to(tl.int8).to(tl.float32)
+        d = _f16(src, base + 208, mask) * scale
+        _store(out, block, e, d * ((low | (high << 4)) - 32).to(tl.float32), mask, 256, BF16_OUT)
+
+    @triton.jit
+    def _iq4_nl_kernel(src, out, lut, n_blocks, TILE: tl.constexpr, BF16_OUT: tl.constexpr):
+        block, e, base, mask = _tile(n_blocks, TILE, 32, 18)
+        value = tl.load(lut + _nibble(src, base + 2 + e % 16, (e // 16) * 4, mask))
+        _store(out, block, e, _f16(src, base, mask) * value, mask, 32, BF16_OUT)
+
+    @triton.jit
+    def _iq4_xs_kernel(src, out, lut, n_blocks, TILE: tl.constexpr, BF16_OUT: tl.constexpr):
+        # d @0 · scales_h u16 @2 (bits 2j) · scales_l[4] @4 (nibble j % 2 of byte j // 2) ·
+        # qs[128] @8 (sub-block j: bytes 16j .., element 16h + k is nibble h of byte k)
+        block, e, base, mask = _tile(n_blocks, TILE, 256, 136)
+        j = e // 32
+        low = _nibble(src, base + 4 + j // 2, (j % 2) * 4, mask)
+        high = (_byte(src, base + 2 + j // 4, mask) >> ((j % 4) * 2)) & 3
+        dl = _f16(src, base, mask) * ((low | (high << 4)) - 32).to(tl.float32)
+        value = tl.load(lut + _nibble(src, base + 8 + j * 16 + e % 16, ((e // 16) % 2) * 4, mask))
+        _store(out, block, e, dl * value, mask, 256, BF16_OUT)
+
+    BLOCK_KERNELS = {
+        Q.Q8_0: _q8_0_kernel, Q.Q4_0: _q4_0_kernel, Q.Q4_1: _q4_1_kernel,
+        Q.Q5_0: _q5_0_kernel, Q.Q5_1: _q5_1_kernel,
+        Q.Q2_K: _q2_k_kernel, Q.Q3_K: _q3_k_kernel, Q.Q4_K: _q4_k_kernel,
+        Q.Q5_K: _q5_k_kernel, Q.Q6_K: _q6_k_kernel,
+        Q.IQ4_NL: _iq4_nl_kernel, Q.IQ4_XS: _iq4_xs_kernel,
+    }
+
+# kind of _float_kernel and the dtype its source bytes are viewed as
+FLOAT_KINDS: dict[GGMLQuantizationType, tuple[int, torch.dtype]] = {
+    Q.F32: (0, torch.int32), Q.F16: (1, torch.float16), Q.BF16: (2, torch.int16),
+}
+
+
+def dequantize_triton(data: torch.Tensor, qtype: int, shape: tuple[int, ...],
+                      dtype: torch.dtype = torch.float32, where: str | None = None) -> torch.Tensor:
+    """GGUF tensor bytes -> a ``shape`` tensor of ``dtype``; same contract as ``dequantize_torch``.
+
+    ``data``: uint8 on the device the kernel runs on (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+    """
+    if not AVAILABLE:
+        raise RuntimeError("Triton is not installed; use kernels.gguf_dequant.dequantize")
+    blocks = as_blocks(data, qtype, shape, where).contiguous()
+    qtype = Q(int(qtype))
+    block_size, _ = block_layout(qtype)
+    out = torch.empty(shape, dtype=dtype, device=data.device)
+    n_blocks = blocks.shape[0]
+    if n_blocks == 0:
+        return out
+    bf16_out = dtype == torch.bfloat16
+    target = out.view(torch.int16) if bf16_out else out
+    if qtype in FLOAT_KINDS:
+        kind, view = FLOAT_KINDS[qtype]
+        tile = ELEMENTS_PER_PROGRAM
+        _float_kernel[(triton.cdiv(n_blocks, tile),)](blocks.view(view), target, n_blocks, TILE=tile, KIND=kind,
+                                                      BF16_OUT=bf16_out, enable_fp_fusion=False)
+        return out
+    tile = ELEMENTS_PER_PROGRAM // block_size
+    lut = iq4_code_book(data.device)
+    BLOCK_KERNELS[qtype][(triton.cdiv(n_blocks, tile),)](blocks, target, lut, n_blocks, TILE=tile,
+                                                         BF16_OUT=bf16_out, enable_fp_fusion=False)
+    return out
