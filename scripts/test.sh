@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The tests: provision, lint, check the pack imports into ComfyUI, then the unit and comfy tiers.
-# Extra arguments go to pytest (e.g. `bash scripts/test.sh -m unit -x`).
+# The tests: provision, lint, check the pack imports into ComfyUI, then the unit and comfy tiers,
+# then the browser tier (ComfyUI's frontend in Debian's headless Chromium, installed when missing).
+# Extra arguments go to one pytest run instead (e.g. `bash scripts/test.sh -m unit -x`).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -18,5 +19,28 @@ if grep "IMPORT FAILED" "$log" | grep -q "custom_nodes/velox"; then
   grep -B 30 "IMPORT FAILED" "$log"; echo "ComfyUI logged IMPORT FAILED for Velox" >&2; exit 1
 fi
 
+echo "== Chromium for the browser tier"
+CHROMIUM=${VELOX_CHROMIUM:-/usr/bin/chromium}
+if [ -x "$CHROMIUM" ]; then
+  echo "$CHROMIUM"
+else
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+  if command -v apt-get >/dev/null 2>&1 && { [ -z "$SUDO" ] || sudo -n true 2>/dev/null; }; then
+    echo "installing Debian's chromium"
+    { $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } > /dev/null 2>&1 \
+      || echo "could not install chromium: the browser tier will skip" >&2
+  else
+    echo "no $CHROMIUM and no apt-get as root: the browser tier will skip" >&2
+  fi
+fi
+
+if [ $# -gt 0 ]; then
+  echo "== pytest $*"
+  "$VENV/bin/python" -m pytest -m "not gpu" -q "$@"
+  exit
+fi
 echo "== pytest (unit + comfy tiers)"
-"$VENV/bin/python" -m pytest -m "not gpu and not browser" -q "$@"
+"$VENV/bin/python" -m pytest -m "not gpu and not browser" -q
+echo "== pytest (browser tier: ComfyUI's frontend in headless Chromium)"
+"$VENV/bin/python" -m pytest -m browser -q -rs tests/browser
