@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The tests: provision, lint, check the pack imports into ComfyUI, then the unit and comfy tiers,
-# then the browser tier (ComfyUI's frontend in Debian's headless Chromium, installed when missing).
+# The tests: provision, lint, check the pack imports into ComfyUI, then the browser tier (ComfyUI's
+# frontend in Debian's headless Chromium, installed when missing), then the unit and comfy tiers.
 # Extra arguments go to one pytest run instead (e.g. `bash scripts/test.sh -m unit -x`).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -40,7 +40,8 @@ if [ $# -gt 0 ]; then
   "$VENV/bin/python" -m pytest -m "not gpu" -q "$@"
   exit
 fi
-echo "== pytest (unit + comfy tiers)"
-"$VENV/bin/python" -m pytest -m "not gpu and not browser" -q
+# the browser tier first, so the run closes on the summary of the largest tier
 echo "== pytest (browser tier: ComfyUI's frontend in headless Chromium)"
 "$VENV/bin/python" -m pytest -m browser -q -rs tests/browser
+echo "== pytest (unit + comfy tiers)"
+"$VENV/bin/python" -m pytest -m "not gpu and not browser" -q
