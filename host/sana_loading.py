@@ -6,21 +6,10 @@ from pathlib import Path
 
 import torch
 
-from ..loaders.checkpoint_files import load_state_dict, resolve_diffusers_component
+from ..loaders.checkpoint_files import read_component
 from .dcae_vae import load_dcae_vae
 from .sana_model import build_sana_model
 from .sana_text_encoder import load_sana_text_encoder
-
-
-def read_component(path: Path, component: str) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """Tensors of a file, or of a diffusers folder's ``component`` (with its config.json)."""
-    if not path.is_dir():
-        return load_state_dict(path), None
-    files = resolve_diffusers_component(path, component)
-    state_dict: dict[str, torch.Tensor] = {}
-    for weight_file in files.weight_files:
-        state_dict.update(load_state_dict(weight_file))
-    return state_dict, files.config() or None
 
 
 def load_sana_model(path: Path, dtype: torch.dtype | None = None):

@@ -257,6 +257,18 @@ def resolve_diffusers_component(folder: str | Path, component: str = "transforme
     )
 
 
+def read_component(path: str | Path, component: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Tensors of a file, or of a diffusers folder's ``component`` (with its config.json)."""
+    path = Path(path)
+    if not path.is_dir():
+        return load_state_dict(path), None
+    files = resolve_diffusers_component(path, component)
+    state_dict: dict[str, torch.Tensor] = {}
+    for weight_file in files.weight_files:
+        state_dict.update(load_state_dict(weight_file))
+    return state_dict, files.config() or None
+
+
 def _component_weights(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []

@@ -8,9 +8,11 @@ from typing_extensions import override
 from .sampler_nodes import SAMPLER_NODES
 from .sana_guidance_nodes import SANA_GUIDANCE_NODES
 from .sana_nodes import SANA_NODES
+from .wan_nodes import WAN_LOADER_NODES
+from .wan_sampling_nodes import WAN_SAMPLING_NODES
 
 
 class VeloxExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*SANA_NODES, *SAMPLER_NODES, *SANA_GUIDANCE_NODES]
+        return [*SANA_NODES, *SAMPLER_NODES, *SANA_GUIDANCE_NODES, *WAN_LOADER_NODES, *WAN_SAMPLING_NODES]

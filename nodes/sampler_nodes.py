@@ -70,6 +70,9 @@ class VeloxSampler(io.ComfyNode):
         steps, cfg, sampler_name, scheduler, shift = _settings(preset, steps, cfg, sampler_name, scheduler, shift)
         if steps < 1:
             raise ValueError(f"VeloxSampler: steps must be at least 1, got {steps}")
+        if preset != CUSTOM and SAMPLING_PRESETS[preset].boundary is not None:
+            raise ValueError(f"VeloxSampler: preset '{preset}' samples Wan 2.2's two experts; use "
+                             "VeloxWanExpertSampler (model_high_noise + model_low_noise) for it.")
         if denoise <= 0.0:
             return io.NodeOutput(latent_image)
         sprint = is_sprint_model(model)

@@ -46,8 +46,15 @@ def _trigflow_sigmas(steps: int, shift: float) -> torch.Tensor:
     return trigflow_sigmas(steps)
 
 
+def _wan_flow_sigmas(steps: int, shift: float) -> torch.Tensor:
+    from .wan_experts import wan_flow_sigmas  # Wan's official FlowUniPC schedule
+
+    return wan_flow_sigmas(steps, shift)
+
+
 FLOW_SCHEDULES = {
     "flow_match_euler": flow_match_euler_sigmas,
     "flow_dpm_solver": flow_dpm_solver_sigmas,
     "trigflow": _trigflow_sigmas,
+    "wan_flow": _wan_flow_sigmas,
 }

@@ -18,6 +18,10 @@ class SamplingPreset:
     shift: float
     sampler: str
     scheduler: str
+    # Wan 2.2 A14B's two experts (None: one model). ``cfg`` is the high-noise expert's scale.
+    cfg_low_noise: float | None = None
+    boundary: float | None = None  # shifted-timestep boundary of the official expert switch
+    switch_step: int | None = None  # a fixed step split instead of the boundary (Lightning: 2 + 2)
 
 
 SAMPLING_PRESETS: dict[str, SamplingPreset] = {
@@ -37,6 +41,21 @@ SAMPLING_PRESETS: dict[str, SamplingPreset] = {
                                    1.0, "trigflow", "trigflow"),
     "sprint_4step": SamplingPreset("SANA-Sprint: 4 steps, guidance 4.5 embedded, TrigFlow", 4, 4.5,
                                    1.0, "trigflow", "trigflow"),
+    # Wan-Video/Wan2.1 generate.py defaults for t2v-14B / t2v-1.3B: 50 steps, shift 5, guide 5, UniPC
+    "wan21_t2v": SamplingPreset("Wan 2.1 T2V: 50 steps, CFG 5, shift 5, UniPC on the official schedule", 50, 5.0,
+                                5.0, "uni_pc_bh2", "wan_flow"),
+    # Wan-Video/Wan2.2 wan/configs/wan_t2v_A14B.py: 40 steps, shift 12, guide (low 3, high 4), boundary 0.875
+    "wan22_t2v_a14b": SamplingPreset("Wan 2.2 T2V A14B: 40 steps, shift 12, CFG 4 high-noise / 3 low-noise, "
+                                     "experts switch at boundary 0.875", 40, 4.0, 12.0, "uni_pc_bh2", "wan_flow",
+                                     cfg_low_noise=3.0, boundary=0.875),
+    # wan_i2v_A14B.py: 40 steps, shift 5, guide (3.5, 3.5), boundary 0.9
+    "wan22_i2v_a14b": SamplingPreset("Wan 2.2 I2V A14B: 40 steps, shift 5, CFG 3.5 both experts, experts switch "
+                                     "at boundary 0.9", 40, 3.5, 5.0, "uni_pc_bh2", "wan_flow",
+                                     cfg_low_noise=3.5, boundary=0.9),
+    # ModelTC/Wan2.2-Lightning: 4 steps, CFG 1, shift 5, Euler ("used in distillation"); 2 + 2 expert split
+    "wan22_lightning": SamplingPreset("Wan 2.2 A14B Lightning: 4 steps, CFG 1, shift 5, Euler, 2 steps per "
+                                      "expert", 4, 1.0, 5.0, "euler", "wan_flow",
+                                      cfg_low_noise=1.0, boundary=0.9, switch_step=2),
 }
 
 CUSTOM = "custom"
