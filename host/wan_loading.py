@@ -9,11 +9,18 @@ quantized ops later), ``comfy.sd.VAE(sd=...)`` and ``comfy.sd.load_text_encoder_
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
+import comfy.model_detection
+import comfy.model_management
 import comfy.model_patcher
 import comfy.sd
+import comfy.text_encoders.sd3_clip
+import comfy.text_encoders.wan
+import comfy.utils
 import torch
 
 from ..errors import VeloxLoadError
@@ -32,6 +39,9 @@ EXPERT_FOLDER_PAIRS = (("transformer", "transformer_2"), ("high_noise_model", "l
 EXPERTS = ("high_noise", "low_noise")
 EXPERT_PAIR_EXPECTED = ("a Wan 2.2 A14B folder with transformer/ + transformer_2/ (diffusers) or "
                         "high_noise_model/ + low_noise_model/ (official)")
+CORE_TEXT_DIM = 4096  # what core's Wan detection assumes (umT5-XXL's width)
+# core's comfy/text_encoders/umt5_config_xxl.json, the part the shapes decide
+UMT5_XXL = {"d_model": 4096, "d_ff": 10240, "num_layers": 24, "num_heads": 64, "d_kv": 64, "vocab_size": 256384}
 UMT5_EXPECTED = ("umT5-XXL: ComfyUI's umt5_xxl_*.safetensors, or a diffusers folder with "
                  "text_encoder/ (UMT5EncoderModel) and tokenizer/spiece.model")
 
@@ -100,12 +110,21 @@ def build_wan_model(
     state_dict: dict[str, torch.Tensor], variant: WanVariant, path: str | Path | None = None,
     dtype: torch.dtype | None = None, model_options: dict | None = None,
 ) -> comfy.model_patcher.ModelPatcher:
-    """Canonical (official-name) Wan weights -> core's model, every parameter checked to be filled."""
+    """Canonical (official-name) Wan weights -> core's model, every parameter checked to be filled.
+
+    Core's detection fixes ``text_dim`` at umT5-XXL's 4096; a checkpoint made for another umT5 width
+    (the tiny demos) is built through core's own supported-model config with the width its weights
+    have (``_build_with_text_dim``): still core's WanModel, only the config differs.
+    """
     options = dict(model_options or {})
     if dtype is not None:
         options["dtype"] = dtype
     keys = set(state_dict)
-    patcher = comfy.sd.load_diffusion_model_state_dict(dict(state_dict), model_options=options)
+    text_dim = wan_text_dim(state_dict)
+    if text_dim == CORE_TEXT_DIM:
+        patcher = comfy.sd.load_diffusion_model_state_dict(dict(state_dict), model_options=options)
+    else:
+        patcher = _build_with_text_dim(dict(state_dict), text_dim, options)
     if patcher is None:
         raise VeloxLoadError(path, f"ComfyUI could not build {variant.describe()}", "a Wan transformer core knows")
     expected = set(patcher.model.diffusion_model.state_dict())
@@ -115,6 +134,37 @@ def build_wan_model(
                              f"missing, e.g. {missing[:4]}", "a complete Wan transformer checkpoint")
     logging.info("Velox: %s loaded from %s", variant.describe(), path or "state dict")
     return patcher
+
+
+def wan_text_dim(state_dict: Mapping[str, torch.Tensor]) -> int:
+    """The text-embedding input width (the umT5 d_model) of canonical Wan weights."""
+    weight = state_dict.get("text_embedding.0.weight")
+    return int(weight.shape[1]) if weight is not None else CORE_TEXT_DIM
+
+
+def _build_with_text_dim(
+    state_dict: dict[str, torch.Tensor], text_dim: int, options: dict
+) -> comfy.model_patcher.ModelPatcher | None:
+    """What ``comfy.sd.load_diffusion_model_state_dict`` does for official names, with core's detected
+    supported-model config (WAN21_T2V / WAN21_I2V / WAN21_Vace / ...) told the real ``text_dim``."""
+    model_config = comfy.model_detection.model_config_from_unet(state_dict, "")
+    if model_config is None:
+        return None
+    model_config.unet_config["text_dim"] = text_dim
+    load_device = comfy.model_management.get_torch_device()
+    offload_device = comfy.model_management.unet_offload_device()
+    supported = list(model_config.supported_inference_dtypes)
+    unet_dtype = options.get("dtype") or comfy.model_management.unet_dtype(
+        model_params=comfy.utils.calculate_parameters(state_dict), supported_dtypes=supported,
+        weight_dtype=comfy.utils.weight_dtype(state_dict))
+    manual_cast_dtype = comfy.model_management.unet_manual_cast(unet_dtype, load_device, supported)
+    model_config.set_inference_dtype(unet_dtype, manual_cast_dtype)
+    model_config.custom_operations = options.get("custom_operations", model_config.custom_operations)
+    if options.get("fp8_optimizations", False):
+        model_config.optimizations["fp8"] = True
+    model = model_config.get_model(state_dict, "").to(offload_device)
+    model.load_model_weights(state_dict, "")
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,20 +184,85 @@ def load_wan_vae(source: str | Path) -> comfy.sd.VAE:
 
 
 def load_umt5(source: str | Path, cpu: bool = False):
-    """umT5-XXL as Wan's CLIP: ComfyUI's single file (through core's ``load_clip``, so scaled-fp8 and
-    quantization metadata keep working), or a diffusers ``text_encoder/`` + ``tokenizer/`` folder."""
+    """umT5 as Wan's CLIP: ComfyUI's single file (umT5-XXL goes through core's ``load_clip``, so
+    scaled-fp8 and quantization metadata keep working), or a diffusers ``text_encoder/`` + ``tokenizer/``
+    folder. The size comes from the weights: anything but XXL (a tiny demo umT5) is built by core's
+    Wan text encoder with its config overridden through ``model_options["umt5xxl_model_config"]``."""
     path = resolve_source(source)
     cpu_device = torch.device("cpu")
     options = {"load_device": cpu_device, "offload_device": cpu_device, "initial_device": cpu_device} if cpu else {}
     try:
-        if not path.is_dir():
+        config = umt5_config(_umt5_shapes(path), path)
+        if config == UMT5_XXL and not path.is_dir():
             return comfy.sd.load_clip([str(path)], clip_type=comfy.sd.CLIPType.WAN, model_options=options)
-        return comfy.sd.load_text_encoder_state_dicts([umt5_state_dict(path)], clip_type=comfy.sd.CLIPType.WAN,
-                                                      model_options=options)
+        state_dict = umt5_state_dict(path)
+        if config == UMT5_XXL:
+            return comfy.sd.load_text_encoder_state_dicts([state_dict], clip_type=comfy.sd.CLIPType.WAN,
+                                                          model_options=options)
+        return _build_umt5(state_dict, config, options, path)
     except (RuntimeError, KeyError, ValueError) as error:
         if isinstance(error, VeloxLoadError):
             raise
         raise VeloxLoadError(path, f"ComfyUI could not load it as umT5 ({str(error)[:200]})", UMT5_EXPECTED) from None
+
+
+def _umt5_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a umT5 file or folder, read from the safetensors headers where possible."""
+    files = [path]
+    if path.is_dir():
+        files = list(resolve_diffusers_component(path, "text_encoder").weight_files)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        if str(file).endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt") as handle:
+                shapes.update({k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()})
+        else:
+            shapes.update({k: tuple(v.shape) for k, v in load_state_dict(file).items()})
+    return shapes
+
+
+def umt5_config(shapes: Mapping[str, tuple[int, ...]], path: str | Path | None = None) -> dict[str, int]:
+    """The size fields of core's umT5 config (d_model, d_ff, layers, heads, d_kv, vocab) from the shapes."""
+    needed = ("shared.weight", "encoder.block.0.layer.0.SelfAttention.q.weight",
+              "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+              "encoder.block.0.layer.1.DenseReluDense.wi_0.weight")
+    absent = [key for key in needed if key not in shapes]
+    if absent:
+        raise VeloxLoadError(path, f"is not a umT5 encoder (no {absent[0]}; first keys: {list(shapes)[:4]})",
+                             UMT5_EXPECTED)
+    vocab_size, d_model = shapes["shared.weight"]
+    num_heads = shapes["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"][1]
+    inner = shapes["encoder.block.0.layer.0.SelfAttention.q.weight"][0]
+    layers = {k.split(".")[2] for k in shapes if k.startswith("encoder.block.")}
+    return {"d_model": int(d_model), "d_ff": int(shapes["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"][0]),
+            "num_layers": len(layers), "num_heads": int(num_heads), "d_kv": int(inner // num_heads),
+            "vocab_size": int(vocab_size)}
+
+
+def _build_umt5(state_dict: dict[str, torch.Tensor], config: dict[str, int], options: dict, path: Path):
+    """Core's Wan text encoder + tokenizer (what ``load_text_encoder_state_dicts`` picks for umT5-XXL)
+    with the config fields the weights decide."""
+    spiece = state_dict.pop("spiece_model", None)
+    if spiece is None:
+        raise VeloxLoadError(path, "holds no tokenizer (no spiece_model tensor)", UMT5_EXPECTED)
+
+    class Target:
+        clip = comfy.text_encoders.wan.te(**comfy.text_encoders.sd3_clip.t5_xxl_detect(state_dict))
+        tokenizer = comfy.text_encoders.wan.WanT5Tokenizer
+        params: dict = {}
+
+    model_options = {**options, "umt5xxl_model_config": dict(config, num_decoder_layers=config["num_layers"])}
+    clip = comfy.sd.CLIP(Target, parameters=comfy.utils.calculate_parameters(state_dict),
+                         tokenizer_data={"spiece_model": spiece}, model_options=model_options)
+    missing, unexpected = clip.load_sd(state_dict)
+    if missing:
+        raise VeloxLoadError(path, f"weights do not fill umT5 {json.dumps(config)}: missing {list(missing)[:4]}",
+                             UMT5_EXPECTED)
+    if unexpected:
+        logging.warning("Velox: umT5 %s: unexpected tensors %s", path, list(unexpected)[:4])
+    return clip
 
 
 def umt5_state_dict(path: Path) -> dict[str, torch.Tensor]:

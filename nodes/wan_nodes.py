@@ -99,7 +99,8 @@ class UMT5Loader(io.ComfyNode):
             display_name="Load Wan Text Encoder (umT5-XXL, Velox)",
             category=CATEGORY,
             description="Loads umT5-XXL as Wan's text encoder: ComfyUI's umt5_xxl_*.safetensors, or a Wan "
-            "diffusers folder's text_encoder/ + tokenizer/. Core's CLIPTextEncode encodes with it.",
+            "diffusers folder's text_encoder/ + tokenizer/. Core's CLIPTextEncode encodes with it. The size is "
+            "read from the weights (umT5-XXL loads as core loads it; smaller umT5s get their own config).",
             inputs=[
                 io.Combo.Input("text_encoder_name", options=model_choices("text_encoders", _is_umt5_folder),
                                tooltip="A file or folder in models/text_encoders, or a cached repository."),

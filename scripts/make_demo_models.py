@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shutil
 import sys
 import tempfile
@@ -26,13 +27,18 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from velox_import import register_pack  # noqa: E402
 
-DEMO_VERSION = "4"  # bump when a tiny model or a file name changes
+DEMO_VERSION = "5"  # bump when a tiny model or a file name changes
 
 SANA_FILE = "diffusion_models/Sana_1600M_1024px_BF16.pth"
 SPRINT_FILE = "diffusion_models/Sana_Sprint_1.6B_1024px.pth"
 SANA_4K_FILE = "diffusion_models/Sana_1600M_4Kpx_BF16.pth"
 GEMMA_FOLDER = "text_encoders/gemma-2-2b-it"
 DCAE_FOLDER = "vae/dc-ae-f32c32-sana-1.1-diffusers"
+WAN21_T2V_FILE = "diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors"
+WAN22_I2V_HIGH_FILE = "diffusion_models/wan2.2_i2v_high_noise_14B_fp16.safetensors"
+WAN22_I2V_LOW_FILE = "diffusion_models/wan2.2_i2v_low_noise_14B_fp16.safetensors"
+UMT5_FILE = "text_encoders/umt5_xxl_fp16.safetensors"
+WAN_VAE_FILE = "vae/wan_2.1_vae.safetensors"
 
 
 def write_sana(models: Path) -> None:
@@ -82,6 +88,60 @@ def write_dcae(models: Path) -> None:
         shutil.copytree(folder, target)
 
 
+def _tiny_wan_config(kind: str):
+    """A tiny Wan transformer that reads the tiny umT5's width (core's detection assumes 4096)."""
+    from velox.tiny.wan import TINY_UMT5, TINY_WAN_CONFIGS
+
+    return dataclasses.replace(TINY_WAN_CONFIGS[kind], text_dim=TINY_UMT5["d_model"])
+
+
+def write_wan21_t2v(models: Path) -> None:
+    from velox.tiny.wan import tiny_wan_state_dict, write_comfyui_file
+
+    write_comfyui_file(tiny_wan_state_dict(_tiny_wan_config("t2v"), seed=0), models / WAN21_T2V_FILE)
+
+
+def write_wan22_i2v(models: Path) -> None:
+    """The two Wan 2.2 A14B I2V experts (in_dim 36: noise + mask + image latent), ComfyUI layout."""
+    from velox.tiny.wan import tiny_wan_state_dict, write_comfyui_file
+
+    config = _tiny_wan_config("wan22_i2v_expert")
+    write_comfyui_file(tiny_wan_state_dict(config, seed=1), models / WAN22_I2V_HIGH_FILE)
+    write_comfyui_file(tiny_wan_state_dict(config, seed=2), models / WAN22_I2V_LOW_FILE)
+
+
+def write_umt5(models: Path) -> None:
+    from velox.tiny.wan import write_tiny_umt5_file
+
+    write_tiny_umt5_file(models / UMT5_FILE, seed=0)
+
+
+def write_wan_vae(models: Path) -> None:
+    """The tiny VAE's shapes come from ComfyUI's WanVAE, so the host must be importable."""
+    from velox.tiny.wan import tiny_wan_vae_state_dict
+
+    _import_comfy_host()
+    save_file({k: v.contiguous() for k, v in tiny_wan_vae_state_dict(seed=0).items()}, str(models / WAN_VAE_FILE))
+
+
+def _import_comfy_host() -> None:
+    """Put ComfyUI ($COMFYUI_PATH, else .host/ComfyUI) on sys.path, set to CPU, unless already importable."""
+    if "comfy" in sys.modules:
+        return
+    host = Path(os.environ.get("COMFYUI_PATH") or ROOT / ".host" / "ComfyUI")
+    if str(host) not in sys.path:
+        sys.path.insert(0, str(host))
+    saved = sys.argv
+    sys.argv = [saved[0], "--cpu"]
+    try:
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+        import comfy.cli_args  # noqa: F401
+    finally:
+        sys.argv = saved
+
+
 def write_bad_files(models: Path) -> None:
     """Broken inputs for the loaders' error tests."""
     from velox.tiny.gemma import write_tiny_gemma_hf_folder
@@ -102,7 +162,8 @@ def write_bad_files(models: Path) -> None:
 
 
 WRITERS = {"sana": write_sana, "sana sprint": write_sprint, "sana 4k": write_sana_4k, "gemma": write_gemma,
-           "dcae": write_dcae}
+           "dcae": write_dcae, "wan 2.1 t2v": write_wan21_t2v, "wan 2.2 i2v experts": write_wan22_i2v,
+           "umt5": write_umt5, "wan vae": write_wan_vae}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,12 +1,14 @@
 """Tiny Wan transformers and a tiny Wan VAE of the real architecture, deterministic random weights.
 
 Variants (dim 256 = two 128-channel heads, since ComfyUI reads heads as dim // 128; text_dim 4096
-and the 1280-wide CLIP image projection as released): T2V, Wan 2.1 I2V (``img_emb`` + ``k_img``),
+by default and the 1280-wide CLIP image projection as released): T2V, Wan 2.1 I2V (``img_emb`` + ``k_img``),
 a Wan 2.2 A14B I2V expert (in_dim 36, no image embedding), VACE (vace_blocks at layers 0, 2).
 Weights are made under the official names. Layouts written: official file, ComfyUI-prefixed file,
 diffusers file, (sharded) diffusers folder, a sharded official folder, Wan 2.2 folders
 (``transformer/`` + ``transformer_2/``, ``high_noise_model/`` + ``low_noise_model/``) and a local
 Hugging Face cache tree. No diffusers import: the diffusers names come from ``loaders.wan_keys``.
+Also a tiny umT5 (d_model 64, 2 layers, a locally trained SentencePiece tokenizer stored as
+``spiece_model``) in ComfyUI's ``umt5_xxl_*`` layout; demo transformers set ``text_dim`` to its width.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class TinyWanConfig:
     image_embedding: bool = False  # Wan 2.1 I2V: img_emb + k_img/v_img
     vace_layers: tuple[int, ...] = ()
     vace_in_dim: int = 96
+    text_dim: int = TEXT_DIM  # the umT5 width it was trained with (the tiny umT5's d_model for demos)
 
     @property
     def num_heads(self) -> int:
@@ -50,7 +53,7 @@ class TinyWanConfig:
         config = {
             "_class_name": "WanVACETransformer3DModel" if self.vace_layers else "WanTransformer3DModel",
             "patch_size": [1, 2, 2], "num_attention_heads": self.num_heads, "attention_head_dim": 128,
-            "in_channels": self.in_dim, "out_channels": self.out_dim, "text_dim": TEXT_DIM, "freq_dim": FREQ_DIM,
+            "in_channels": self.in_dim, "out_channels": self.out_dim, "text_dim": self.text_dim, "freq_dim": FREQ_DIM,
             "ffn_dim": self.ffn_dim, "num_layers": self.num_layers, "cross_attn_norm": True,
             "qk_norm": "rms_norm_across_heads", "eps": 1e-6,
             "image_dim": CLIP_IMAGE_DIM if self.image_embedding else None,
@@ -99,7 +102,7 @@ def wan_official_shapes(config: TinyWanConfig) -> dict[str, tuple[int, ...]]:
     dim = config.dim
     shapes = {"patch_embedding.weight": (dim, config.in_dim, 1, 2, 2), "patch_embedding.bias": (dim,),
               "head.modulation": (1, 2, dim)}
-    shapes.update(_linear("text_embedding.0", dim, TEXT_DIM))
+    shapes.update(_linear("text_embedding.0", dim, config.text_dim))
     shapes.update(_linear("text_embedding.2", dim, dim))
     shapes.update(_linear("time_embedding.0", dim, FREQ_DIM))
     shapes.update(_linear("time_embedding.2", dim, dim))
@@ -287,3 +290,72 @@ def tiny_wan_vae_state_dict(dim: int = TINY_VAE_DIM, seed: int = 0) -> dict[str,
     state_dict = {key: _random_tensor(key, tuple(shapes[key]), generator) for key in sorted(shapes)}
     assert OFFICIAL_VAE_MARKER in state_dict
     return state_dict
+
+
+# ----------------------------------------------------------------------------------------------
+# a tiny umT5 encoder (ComfyUI's umt5_xxl file layout: transformers' T5 names + ``spiece_model``)
+# ----------------------------------------------------------------------------------------------
+
+TINY_UMT5 = {"d_model": 64, "d_ff": 128, "num_layers": 2, "num_heads": 2, "d_kv": 32}
+UMT5_BUCKETS = 32
+TINY_UMT5_VOCAB = 512  # upper bound; the trained tokenizer decides the final size
+
+
+def train_tiny_umt5_tokenizer() -> bytes:
+    """A serialized SentencePiece unigram model with umT5's special ids (<pad>=0, </s>=1, <unk>=2)."""
+    import io
+
+    import sentencepiece as spm
+
+    from .gemma import _PROMPTS
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(_PROMPTS) + [p.lower() for p in _PROMPTS]), model_writer=model,
+        model_type="unigram", vocab_size=TINY_UMT5_VOCAB, hard_vocab_limit=False, character_coverage=1.0,
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
+        byte_fallback=True, num_threads=1, minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def umt5_shapes(vocab_size: int, d_model: int, d_ff: int, num_layers: int, num_heads: int,
+                d_kv: int) -> dict[str, tuple[int, ...]]:
+    """Every key of a umT5 encoder (each layer has its own relative attention bias) and its shape."""
+    inner = num_heads * d_kv
+    shapes = {"shared.weight": (vocab_size, d_model), "encoder.final_layer_norm.weight": (d_model,)}
+    for i in range(num_layers):
+        p = f"encoder.block.{i}.layer."
+        shapes.update({p + f"0.SelfAttention.{w}.weight": (inner, d_model) for w in "qkv"})
+        shapes[p + "0.SelfAttention.o.weight"] = (d_model, inner)
+        shapes[p + "0.SelfAttention.relative_attention_bias.weight"] = (UMT5_BUCKETS, num_heads)
+        shapes[p + "0.layer_norm.weight"] = (d_model,)
+        shapes.update({p + f"1.DenseReluDense.{w}.weight": (d_ff, d_model) for w in ("wi_0", "wi_1")})
+        shapes[p + "1.DenseReluDense.wo.weight"] = (d_model, d_ff)
+        shapes[p + "1.layer_norm.weight"] = (d_model,)
+    return shapes
+
+
+def tiny_umt5_state_dict(seed: int = 0, spiece_model: bytes | None = None) -> dict[str, torch.Tensor]:
+    """Deterministic random tiny umT5 weights plus the tokenizer as the uint8 tensor ``spiece_model``."""
+    import sentencepiece as spm
+
+    spiece_model = spiece_model or train_tiny_umt5_tokenizer()
+    vocab_size = spm.SentencePieceProcessor(model_proto=spiece_model).get_piece_size()
+    shapes = umt5_shapes(vocab_size, **TINY_UMT5)
+    generator = torch.Generator().manual_seed(seed)
+    state_dict = {}
+    for key in sorted(shapes):
+        values = torch.randn(shapes[key], generator=generator)
+        if key.endswith("layer_norm.weight"):
+            values = 1.0 + 0.1 * values
+        elif not key.endswith(("shared.weight", "relative_attention_bias.weight")):
+            values = values / shapes[key][1] ** 0.5
+        state_dict[key] = values
+    state_dict["spiece_model"] = torch.frombuffer(bytearray(spiece_model), dtype=torch.uint8)
+    return state_dict
+
+
+def write_tiny_umt5_file(path: str | Path, seed: int = 0) -> Path:
+    """ComfyUI's ``umt5_xxl_*.safetensors`` layout at tiny size."""
+    return _save(tiny_umt5_state_dict(seed), Path(path))

@@ -1,13 +1,48 @@
-"""Velox's Wan sampling nodes in a real ComfyUI: listing, the 5-D empty latent through POST /prompt, and
-bad sizes refused at queue time with a message saying what to use."""
+"""Velox's Wan nodes in a real ComfyUI: the example workflows (Wan 2.1 T2V, Wan 2.2 I2V Lightning) end to
+end on the tiny demo checkpoints (tiny umT5 included), listing, the 5-D empty latent through POST /prompt,
+and bad sizes refused at queue time with a message saying what to use."""
 
 from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 from comfy_client import WorkflowError
+from comfy_helpers import load_api_workflow
+from PIL import Image, ImageSequence
 from safetensors.torch import load_file
+
+
+def video_frames(result) -> list[np.ndarray]:
+    """The frames of the one animated WEBP a workflow saved."""
+    assert len(result.files) == 1 and result.files[0].suffix == ".webp", result.files
+    with Image.open(result.files[0]) as video:
+        return [np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(video)]
+
+
+def latent_node(prompt: dict, class_type: str) -> dict:
+    return next(node["inputs"] for node in prompt.values() if node["class_type"] == class_type)
+
+
+def test_wan21_t2v_workflow_writes_a_video_of_the_requested_length(server):
+    prompt = load_api_workflow("wan21_t2v")
+    size = latent_node(prompt, "VeloxEmptyWanLatent")
+    assert latent_node(prompt, "VeloxWanExpertSampler")["preset"] == "wan21_t2v"
+    frames = video_frames(server.run(prompt, timeout=300))
+    assert len(frames) == size["length"] == 9
+    assert frames[0].shape == (size["height"], size["width"], 3)
+    assert frames[0].min() != frames[0].max(), "the decoded frame is a flat colour"
+
+
+def test_wan22_i2v_lightning_workflow_runs_both_experts_from_a_start_image(server):
+    prompt = load_api_workflow("wan22_i2v_lightning")
+    i2v = latent_node(prompt, "WanImageToVideo")
+    sampler = latent_node(prompt, "VeloxWanExpertSampler")
+    assert sampler["preset"] == "wan22_lightning" and "model_low_noise" in sampler
+    frames = video_frames(server.run(prompt, timeout=300))
+    assert len(frames) == i2v["length"] == 9
+    assert frames[0].shape == (i2v["height"], i2v["width"], 3)
 
 
 def empty_latent_graph(width: int, height: int, length: int, batch_size: int = 1) -> dict:

@@ -10,6 +10,7 @@ context at -512 to find the image tokens).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,7 +41,7 @@ def relative_l2(got: torch.Tensor, want: torch.Tensor) -> float:
 def make_inputs(config: tiny.TinyWanConfig, seed: int = 3) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     inputs = {"x": torch.randn(2, config.in_dim, 2, 4, 6, generator=generator),
-              "context": torch.randn(2, TEXT_TOKENS, tiny.TEXT_DIM, generator=generator)}
+              "context": torch.randn(2, TEXT_TOKENS, config.text_dim, generator=generator)}
     if config.image_embedding:
         inputs["clip_fea"] = torch.randn(2, 257, tiny.CLIP_IMAGE_DIM, generator=generator)
     if config.vace_layers:
@@ -157,6 +158,24 @@ def test_official_to_diffusers_table_equals_diffusers_own_converter(references):
         ours = official_to_diffusers(weights)
         assert sorted(ours) == sorted(theirs)
         assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.parametrize("variant", ["t2v", "wan22_i2v_expert", "vace"])
+def test_wan_made_for_a_narrower_umt5_builds_on_core_with_its_text_dim(comfy_host, tmp_path, variant):
+    """Core's detection fixes text_dim at 4096; a tiny-umT5 Wan (text_dim 64, as the demos) is built by
+    core's supported-model config told the real width, and still equals diffusers."""
+    import dataclasses
+
+    from velox.host.wan_loading import load_wan_model
+
+    config = dataclasses.replace(tiny.TINY_WAN_CONFIGS[variant], text_dim=tiny.TINY_UMT5["d_model"])
+    weights = tiny.tiny_wan_state_dict(config, seed=5)
+    inputs = make_inputs(config)
+    patcher = load_wan_model(tiny.write_comfyui_file(weights, tmp_path / "wan.safetensors"), dtype=torch.float32)
+    assert patcher.model.diffusion_model.text_embedding[0].in_features == 64
+    expected_class = "VaceWanModel" if config.vace_layers else "WanModel"
+    assert type(patcher.model.diffusion_model).__name__ == expected_class
+    assert relative_l2(run_core(patcher, inputs), run_diffusers(config, weights, inputs)) <= PARITY_RTOL
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,3 +370,53 @@ def test_umt5_from_a_diffusers_folder_matches_transformers_on_core_t5(comfy_host
         got = core(tokens, attention_mask=mask)[0]
     valid = mask.bool()
     assert relative_l2(got[valid], want[valid]) <= PARITY_RTOL
+
+
+def test_umt5_xxl_shapes_give_cores_own_xxl_config_and_go_through_core_load_clip(comfy_host, monkeypatch, tmp_path):
+    """The released umT5-XXL (meta shapes) derives exactly core's umt5_config_xxl.json, so it keeps loading
+    through core's load_clip as before (scaled fp8 / quantization metadata included)."""
+    import comfy.sd
+    import comfy.text_encoders.wan
+
+    from velox.host import wan_loading
+
+    shapes = tiny.umt5_shapes(256384, d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64)
+    config = wan_loading.umt5_config(shapes)
+    assert config == wan_loading.UMT5_XXL
+    core_json = json.loads((Path(comfy.text_encoders.wan.__file__).parent / "umt5_config_xxl.json").read_text())
+    assert config == {key: core_json[key] for key in config}
+    calls = []
+    monkeypatch.setattr(wan_loading, "_umt5_shapes", lambda path: shapes)
+    monkeypatch.setattr(comfy.sd, "load_clip", lambda paths, **kwargs: calls.append((paths, kwargs)) or "core clip")
+    file = tmp_path / "umt5_xxl_fp16.safetensors"
+    file.write_bytes(b"")
+    assert wan_loading.load_umt5(file) == "core clip"
+    assert calls == [([str(file)], {"clip_type": comfy.sd.CLIPType.WAN, "model_options": {}})]
+
+
+def test_tiny_umt5_file_loads_with_the_config_of_its_shapes_and_encodes(comfy_host, tmp_path):
+    """A umT5 that is not XXL (d_model 64, 2 layers, a tiny SentencePiece vocabulary in spiece_model) is
+    built by core's Wan text encoder with the config its weights say, through umt5xxl_model_config."""
+    from velox.host.wan_loading import load_umt5, umt5_config
+
+    path = tiny.write_tiny_umt5_file(tmp_path / "umt5_xxl_fp16.safetensors")
+    weights = tiny.tiny_umt5_state_dict()
+    config = umt5_config({k: tuple(v.shape) for k, v in weights.items()})
+    assert config["d_model"] == 64 and config["num_layers"] == 2 and config["vocab_size"] < 600
+    clip = load_umt5(path)
+    encoder = clip.cond_stage_model.umt5xxl.transformer
+    assert encoder.shared.weight.shape == (config["vocab_size"], 64) and len(encoder.encoder.block) == 2
+    torch.testing.assert_close(encoder.shared.weight.float(), weights["shared.weight"])
+    tokens = clip.tokenize("a red fox in fresh snow")
+    ids = [token for token, _ in tokens["umt5xxl"][0]]
+    assert max(ids) < config["vocab_size"] and ids[:6] != [2] * 6  # known pieces, not all <unk>
+    cond = clip.encode_from_tokens_scheduled(tokens)[0][0]
+    assert cond.shape[-1] == 64 and torch.isfinite(cond).all()
+
+
+def test_a_file_that_is_not_umt5_is_a_clear_error(comfy_host, tmp_path):
+    from velox.host.wan_loading import load_umt5
+
+    path = tiny.write_official_file({"shared.weight": torch.zeros(4, 4)}, tmp_path / "half.safetensors")
+    with pytest.raises(VeloxLoadError, match="half.safetensors: is not a umT5 encoder"):
+        load_umt5(path)
