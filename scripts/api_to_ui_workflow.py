@@ -20,6 +20,16 @@ from comfy_client import ComfyServer  # noqa: E402
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 COLUMN, ROW = 380, 260
+NODE_SIZE = (340, 120)
+VIEW = (1600, 1000)  # the canvas the opened workflow should fit (ComfyUI draws, so loads previews of, visible nodes only)
+MAX_SCALE = 0.8
+
+
+def fitting_scale(nodes: list[dict]) -> float:
+    """The canvas zoom that shows every node: MAX_SCALE, or less for a wide or tall graph."""
+    right = max(node["pos"][0] for node in nodes) + NODE_SIZE[0] + 40
+    bottom = max(node["pos"][1] for node in nodes) + NODE_SIZE[1] + 40
+    return min(MAX_SCALE, int(100 * min(VIEW[0] / right, VIEW[1] / bottom)) / 100)
 
 
 def input_specs(info: dict) -> list[tuple[str, str, dict]]:
@@ -62,7 +72,7 @@ def convert(prompt: dict, object_info: dict) -> dict:
         column_rows[depth] = row + 1
         nodes[node_id] = {
             "id": int(node_id), "type": node["class_type"], "pos": [40 + depth * COLUMN, 40 + row * ROW],
-            "size": [340, 120], "flags": {}, "order": order, "mode": 0, "inputs": [],
+            "size": list(NODE_SIZE), "flags": {}, "order": order, "mode": 0, "inputs": [],
             "outputs": [{"name": name, "type": kind, "links": [], "slot_index": i}
                         for i, (kind, name) in enumerate(zip(info["output"], info["output_name"]))],
             "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": [],
@@ -84,10 +94,11 @@ def convert(prompt: dict, object_info: dict) -> dict:
                 target["widgets_values"].append(value)
                 if options.get("control_after_generate"):
                     target["widgets_values"].append("fixed")
+    scale = fitting_scale(list(nodes.values()))
     return {
         "last_node_id": max(int(i) for i in prompt), "last_link_id": len(links),
         "nodes": [nodes[i] for i in sorted(nodes, key=int)], "links": links, "groups": [],
-        "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4,
+        "config": {}, "extra": {"ds": {"scale": scale, "offset": [0, 0]}}, "version": 0.4,
     }
 
 

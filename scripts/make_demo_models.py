@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from velox_import import register_pack  # noqa: E402
 
-DEMO_VERSION = "5"  # bump when a tiny model or a file name changes
+DEMO_VERSION = "6"  # bump when a tiny model or a file name changes
 
 SANA_FILE = "diffusion_models/Sana_1600M_1024px_BF16.pth"
 SPRINT_FILE = "diffusion_models/Sana_Sprint_1.6B_1024px.pth"
@@ -35,6 +35,7 @@ SANA_4K_FILE = "diffusion_models/Sana_1600M_4Kpx_BF16.pth"
 GEMMA_FOLDER = "text_encoders/gemma-2-2b-it"
 DCAE_FOLDER = "vae/dc-ae-f32c32-sana-1.1-diffusers"
 WAN21_T2V_FILE = "diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors"
+WAN21_VACE_FILE = "diffusion_models/wan2.1_vace_1.3B_fp16.safetensors"
 WAN22_I2V_HIGH_FILE = "diffusion_models/wan2.2_i2v_high_noise_14B_fp16.safetensors"
 WAN22_I2V_LOW_FILE = "diffusion_models/wan2.2_i2v_low_noise_14B_fp16.safetensors"
 UMT5_FILE = "text_encoders/umt5_xxl_fp16.safetensors"
@@ -101,6 +102,13 @@ def write_wan21_t2v(models: Path) -> None:
     write_comfyui_file(tiny_wan_state_dict(_tiny_wan_config("t2v"), seed=0), models / WAN21_T2V_FILE)
 
 
+def write_wan21_vace(models: Path) -> None:
+    """Wan 2.1 VACE (vace_patch_embedding + vace_blocks, core's VaceWanModel), ComfyUI layout."""
+    from velox.tiny.wan import tiny_wan_state_dict, write_comfyui_file
+
+    write_comfyui_file(tiny_wan_state_dict(_tiny_wan_config("vace"), seed=3), models / WAN21_VACE_FILE)
+
+
 def write_wan22_i2v(models: Path) -> None:
     """The two Wan 2.2 A14B I2V experts (in_dim 36: noise + mask + image latent), ComfyUI layout."""
     from velox.tiny.wan import tiny_wan_state_dict, write_comfyui_file
@@ -162,7 +170,8 @@ def write_bad_files(models: Path) -> None:
 
 
 WRITERS = {"sana": write_sana, "sana sprint": write_sprint, "sana 4k": write_sana_4k, "gemma": write_gemma,
-           "dcae": write_dcae, "wan 2.1 t2v": write_wan21_t2v, "wan 2.2 i2v experts": write_wan22_i2v,
+           "dcae": write_dcae, "wan 2.1 t2v": write_wan21_t2v, "wan 2.1 vace": write_wan21_vace,
+           "wan 2.2 i2v experts": write_wan22_i2v,
            "umt5": write_umt5, "wan vae": write_wan_vae}
 
 

@@ -1,5 +1,5 @@
-"""Velox's Wan nodes in a real ComfyUI: the example workflows (Wan 2.1 T2V, Wan 2.2 I2V Lightning) end to
-end on the tiny demo checkpoints (tiny umT5 included), listing, the 5-D empty latent through POST /prompt,
+"""Velox's Wan nodes in a real ComfyUI: the example workflows (Wan 2.1 T2V, Wan 2.1 VACE, Wan 2.2 I2V
+Lightning) end to end on the tiny demo checkpoints (tiny umT5 included), listing, the 5-D empty latent through POST /prompt,
 and bad sizes refused at queue time with a message saying what to use."""
 
 from __future__ import annotations
@@ -43,6 +43,25 @@ def test_wan22_i2v_lightning_workflow_runs_both_experts_from_a_start_image(serve
     frames = video_frames(server.run(prompt, timeout=300))
     assert len(frames) == i2v["length"] == 9
     assert frames[0].shape == (i2v["height"], i2v["width"], 3)
+
+
+def test_wan21_vace_workflow_trims_the_reference_frame_off_the_video(server):
+    prompt = load_api_workflow("wan21_vace")
+    vace = latent_node(prompt, "WanVaceToVideo")
+    assert "control_video" in vace and "reference_image" in vace
+    assert latent_node(prompt, "TrimVideoLatent")["trim_amount"] == [next(
+        key for key, node in prompt.items() if node["class_type"] == "WanVaceToVideo"), 3]
+    frames = video_frames(server.run(prompt, timeout=300))
+    assert len(frames) == vace["length"] == 9
+    assert frames[0].shape == (vace["height"], vace["width"], 3)
+    assert frames[0].min() != frames[0].max(), "the decoded frame is a flat colour"
+
+
+def test_wan21_vace_without_the_trim_keeps_the_reference_latent_frame(server):
+    prompt = load_api_workflow("wan21_vace")
+    latent_node(prompt, "TrimVideoLatent")["trim_amount"] = 0
+    frames = video_frames(server.run(prompt, timeout=300))
+    assert len(frames) == 9 + 4  # one more latent frame (the reference image) decodes to 4 more frames
 
 
 def empty_latent_graph(width: int, height: int, length: int, batch_size: int = 1) -> dict:
