@@ -10,6 +10,7 @@ preview callback count the whole run.
 
 from __future__ import annotations
 
+import comfy.model_management
 import comfy.sample
 import comfy.utils
 import latent_preview
@@ -71,6 +72,20 @@ def _sample(model, noise, cfg, sampler, sigmas, positive, negative, latent_image
     )
 
 
+def release_expert(done, following) -> None:
+    """Take the finished expert off the GPU before the next one loads, so that only one A14B expert
+    (about 28 GB in bf16) is ever resident. Core's loader would keep both whenever they fit, and evict
+    by its own order otherwise; a clone of the same weights is left alone."""
+    if done is following or done.is_clone(following):
+        return
+    loaded_models = comfy.model_management.current_loaded_models
+    for i in range(len(loaded_models) - 1, -1, -1):
+        patcher = loaded_models[i].model
+        if patcher is not None and patcher.is_clone(done) and loaded_models[i].model_unload():
+            loaded_models.pop(i)
+    comfy.model_management.soft_empty_cache()
+
+
 def sample_two_experts(high, low, positive, negative, latent: dict, seed: int, cfg_high: float, cfg_low: float,
                        sampler_high, sampler_low, sigmas: torch.Tensor, switch_step: int) -> dict:
     """High-noise expert for steps ``< switch_step``, low-noise expert for the rest; returns a LATENT.
@@ -90,6 +105,7 @@ def sample_two_experts(high, low, positive, negative, latent: dict, seed: int, c
     if k < total:
         if k > 0:  # continue from the leftover noise, as KSamplerAdvanced with add_noise disabled
             noise = torch.zeros(samples.size(), dtype=samples.dtype, layout=samples.layout, device="cpu")
+            release_expert(high, low)
         samples = _sample(low, noise, cfg_low, sampler_low, sigmas[k:], positive, negative, samples,
                           noise_mask, _offset_callback(callback, k, total), seed)
     out = latent.copy()

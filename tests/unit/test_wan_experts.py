@@ -185,6 +185,16 @@ def test_experts_are_really_switched_and_cfg_is_per_expert(experts, conds):
     assert not torch.equal(both, node_run(high, low, conds, video_latent(), cfg_high_noise=5.0))
 
 
+def test_only_one_expert_stays_loaded_after_the_hand_over(experts, conds):
+    import comfy.model_management as mm
+
+    high, low = experts
+    node_run(high, low, conds, video_latent())
+    loaded = [m.model for m in mm.current_loaded_models if m.model is not None]
+    assert not any(patcher.is_clone(high) for patcher in loaded), "the high-noise expert is still loaded"
+    assert any(patcher.is_clone(low) for patcher in loaded)
+
+
 def test_seeds_are_reproducible_and_batch_items_differ(experts, conds):
     high, low = experts
     a, b = node_run(high, low, conds, video_latent()), node_run(high, low, conds, video_latent())
