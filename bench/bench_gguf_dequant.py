@@ -6,12 +6,17 @@ weight of the same shape (the memory-bandwidth floor a dequantize-then-GEMM path
 The blocks are random bytes with finite fp16 scales (every such block is valid); each type is
 checked bit-exact, Triton against the twin, before it is timed.
 
-    python bench/bench_gguf_dequant.py --types Q4_K Q8_0 --dtype bf16
+    python bench/bench_gguf_dequant.py --types Q4_K Q8_0 --dtype bf16 --comfyui-gguf ../ComfyUI-GGUF
+
+``--comfyui-gguf`` points at a checkout of city96/ComfyUI-GGUF (its ``dequant.py`` is imported from
+there, never copied into Velox) to time its dequantizer on the same blocks, in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+from pathlib import Path
 
 import torch
 from common import cuda_time, emit, register_pack
@@ -38,12 +43,24 @@ def random_blocks(qtype, shape: tuple[int, int]) -> torch.Tensor:
     return blocks.view(shape[0], -1)
 
 
+def comfyui_gguf_dequant(folder: str | None):
+    """ComfyUI-GGUF's ``dequantize(data, qtype, oshape, dtype)``, imported from its checkout."""
+    if folder is None:
+        return None
+    spec = importlib.util.spec_from_file_location("comfyui_gguf_dequant", Path(folder) / "dequant.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.dequantize
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--types", nargs="+", default=None, help="GGML type names (default: all supported)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--comfyui-gguf", default=None, help="a ComfyUI-GGUF checkout, to time its dequant too")
     args = parser.parse_args()
+    theirs = comfyui_gguf_dequant(args.comfyui_gguf)
     register_pack()
     from velox.kernels.gguf_dequant_torch import dequantize_torch
     from velox.kernels.gguf_dequant_triton import dequantize_triton
@@ -64,7 +81,17 @@ def main() -> None:
             triton_s = cuda_time(lambda: dequantize_triton(data, qtype, SHAPE, dtype), repeat=args.repeat)
             torch_s = cuda_time(lambda: dequantize_torch(data, qtype, SHAPE, dtype), repeat=args.repeat)
         moved = data.numel() + out_bytes  # bytes read + bytes written
-        emit({"bench": "gguf_dequant", "type": qtype.name, "shape": list(SHAPE), "out_dtype": args.dtype,
+        row = {}
+        if theirs is not None and qtype.name not in ("F32", "F16", "BF16"):
+            try:
+                with torch.inference_mode():
+                    ours = dequantize_triton(data, qtype, SHAPE, dtype)
+                    row["comfyui_gguf_bit_exact"] = torch.equal(ours, theirs(data, qtype, SHAPE, dtype))
+                    theirs_s = cuda_time(lambda: theirs(data, qtype, SHAPE, dtype), repeat=args.repeat)
+                row.update(comfyui_gguf_s=round(theirs_s, 6), speedup_vs_comfyui_gguf=round(theirs_s / triton_s, 2))
+            except Exception as error:  # ComfyUI-GGUF lacks some types (it falls back to numpy for them)
+                row["comfyui_gguf_error"] = f"{type(error).__name__}: {error}"
+        emit({**row, "bench": "gguf_dequant", "type": qtype.name, "shape": list(SHAPE), "out_dtype": args.dtype,
               "bits_per_weight": round(8 * type_size / block_size, 4), "bit_exact_triton_vs_twin": exact,
               "triton_s": round(triton_s, 6), "torch_twin_s": round(torch_s, 6), "bf16_copy_s": round(copy_s, 6),
               "twin_over_triton": round(torch_s / triton_s, 2), "triton_over_copy": round(triton_s / copy_s, 2),
