@@ -85,8 +85,9 @@ def main() -> None:
         if theirs is not None and qtype.name not in ("F32", "F16", "BF16"):
             try:
                 with torch.inference_mode():
-                    ours = dequantize_triton(data, qtype, SHAPE, dtype)
-                    row["comfyui_gguf_bit_exact"] = torch.equal(ours, theirs(data, qtype, SHAPE, dtype))
+                    # in fp32: ComfyUI-GGUF computes in the output dtype, so its bf16 is rounded twice
+                    ours = dequantize_triton(data, qtype, SHAPE, torch.float32)
+                    row["comfyui_gguf_fp32_bit_exact"] = torch.equal(ours, theirs(data, qtype, SHAPE, torch.float32))
                     theirs_s = cuda_time(lambda: theirs(data, qtype, SHAPE, dtype), repeat=args.repeat)
                 row.update(comfyui_gguf_s=round(theirs_s, 6), speedup_vs_comfyui_gguf=round(theirs_s / triton_s, 2))
             except Exception as error:  # ComfyUI-GGUF lacks some types (it falls back to numpy for them)
