@@ -21,7 +21,16 @@ import gc
 import time
 
 import torch
-from common import boot_comfy, cuda_time, emit, peak_gib, register_pack, relative_l2, wall_time
+from common import (
+    boot_comfy,
+    cuda_time,
+    emit,
+    import_stubbing_missing,
+    peak_gib,
+    register_pack,
+    relative_l2,
+    wall_time,
+)
 
 WAN_14B = dict(dim=5120, ffn_dim=13824, freq_dim=256, text_dim=4096, out_dim=16, num_heads=40, num_layers=40)
 FRAMES, HEIGHT, WIDTH = 81, 480, 832
@@ -144,12 +153,12 @@ def bench_vae() -> None:
 def bench_lightning() -> None:
     import comfy.model_management
     import comfy.sd
-    from comfy_extras.nodes_wan import WanImageToVideo
 
     from velox.host.wan_loading import build_wan_model
     from velox.loaders.wan_detect import sniff_wan
-    from velox.nodes.wan_sampling_nodes import WanExpertSampler
 
+    WanImageToVideo = import_stubbing_missing("comfy_extras.nodes_wan").WanImageToVideo
+    WanExpertSampler = import_stubbing_missing("velox.nodes.wan_sampling_nodes").WanExpertSampler
     experts = []
     for seed in (1, 2):
         variant, weights = sniff_wan(random_wan_state_dict(in_dim=36, seed=seed))
