@@ -99,7 +99,8 @@ def bench_sprint(modes: list[str], resolution: int = 1024) -> None:
 
         def run_diffusers():
             return pipe(prompt_embeds=embeds.cuda(), prompt_attention_mask=mask.cuda(), height=resolution,
-                        width=resolution, num_inference_steps=1, guidance_scale=GUIDANCE, output_type="pt",
+                        width=resolution, num_inference_steps=1, intermediate_timesteps=None, guidance_scale=GUIDANCE,
+                        output_type="pt",
                         use_resolution_binning=False, generator=torch.Generator("cuda").manual_seed(0),
                         return_dict=False)[0]
 
@@ -138,7 +139,7 @@ def bench_4k(steps: int = 20, resolution: int = 4096) -> None:
     negative, negative_mask = prompt(valid=300)
 
     def run_diffusers():
-        return pipe(prompt_embeds=embeds.cuda(), prompt_attention_mask=mask.cuda(),
+        return pipe(prompt_embeds=embeds.cuda(), prompt_attention_mask=mask.cuda(), negative_prompt=None,
                     negative_prompt_embeds=negative.cuda(), negative_prompt_attention_mask=negative_mask.cuda(),
                     height=resolution, width=resolution, num_inference_steps=steps, guidance_scale=4.5,
                     output_type="pt", use_resolution_binning=False, return_dict=False)[0]

@@ -150,6 +150,29 @@ def bench_vae() -> None:
     free_everything()
 
 
+def watch_expert_release() -> list:
+    """Record GPU memory around the hand-over: the peak of the high-noise phase (with encode), what is
+    allocated just before and just after the high expert is released; resets the peak there."""
+    import velox.host.wan_sampling as wan_sampling
+
+    phases, release = [], wan_sampling.release_expert
+
+    def gib(value: int) -> float:
+        return round(value / 2**30, 2)
+
+    def watched(done, following):
+        torch.cuda.synchronize()
+        before, peak = torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+        release(done, following)
+        torch.cuda.synchronize()
+        phases.append({"high_phase_peak_gib": gib(peak), "before_release_gib": gib(before),
+                       "after_release_gib": gib(torch.cuda.memory_allocated())})
+        torch.cuda.reset_peak_memory_stats()
+
+    wan_sampling.release_expert = watched
+    return phases
+
+
 def bench_lightning() -> None:
     import comfy.model_management
     import comfy.sd
@@ -169,6 +192,7 @@ def bench_lightning() -> None:
     positive = [[torch.randn(1, 512, 4096, generator=g), {}]]
     negative = [[torch.randn(1, 512, 4096, generator=g), {}]]
     start_image = torch.rand(1, HEIGHT, WIDTH, 3, generator=g)
+    phases = watch_expert_release()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -183,7 +207,8 @@ def bench_lightning() -> None:
     seconds = time.perf_counter() - started
     resident = [m.model for m in comfy.model_management.current_loaded_models if m.model is not None]
     emit({"bench": "wan22_a14b_i2v_lightning_480x832x81_full_run", "seconds": round(seconds, 2),
-          "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "frames": int(frames.shape[0]),
+          "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "frames": int(frames.shape[-4]),
+          "phases": phases,
           "high_expert_resident_after": any(p.is_clone(experts[0]) for p in resident),
           "low_expert_resident_after": any(p.is_clone(experts[1]) for p in resident),
           "note": "includes loading each expert to the GPU once; text encoding excluded",
