@@ -173,6 +173,22 @@ def watch_expert_release() -> list:
     return phases
 
 
+def watch_forward(patcher, records: list) -> None:
+    """Per model call: GPU memory allocated before it and its own peak (a unet function wrapper)."""
+    def wrapper(apply_model, args):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = apply_model(args["input"], args["timestep"], **args["c"])
+        torch.cuda.synchronize()
+        records.append({"before_gib": round(before / 2**30, 2),
+                        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                        "input": list(args["input"].shape)})
+        return out
+
+    patcher.set_model_unet_function_wrapper(wrapper)
+
+
 def bench_lightning() -> None:
     import comfy.model_management
     import comfy.sd
@@ -193,10 +209,15 @@ def bench_lightning() -> None:
     negative = [[torch.randn(1, 512, 4096, generator=g), {}]]
     start_image = torch.rand(1, HEIGHT, WIDTH, 3, generator=g)
     phases = watch_expert_release()
+    steps: list = []
+    for expert in experts:
+        watch_forward(expert, steps)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     out = WanImageToVideo.execute(positive, negative, vae, WIDTH, HEIGHT, FRAMES, 1, start_image=start_image)
+    torch.cuda.synchronize()
+    encode_peak = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     positive, negative, latent = out.result if hasattr(out, "result") else out
     sampled = WanExpertSampler.execute(experts[0], positive, negative, latent, preset="wan22_lightning", seed=0,
                                        steps=4, cfg_high_noise=1.0, cfg_low_noise=1.0, sampler_name="euler",
@@ -208,7 +229,7 @@ def bench_lightning() -> None:
     resident = [m.model for m in comfy.model_management.current_loaded_models if m.model is not None]
     emit({"bench": "wan22_a14b_i2v_lightning_480x832x81_full_run", "seconds": round(seconds, 2),
           "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "frames": int(frames.shape[-4]),
-          "phases": phases,
+          "phases": phases, "encode_peak_gib": encode_peak, "forward_steps": steps,
           "high_expert_resident_after": any(p.is_clone(experts[0]) for p in resident),
           "low_expert_resident_after": any(p.is_clone(experts[1]) for p in resident),
           "note": "includes loading each expert to the GPU once; text encoding excluded",
