@@ -19,7 +19,7 @@ import argparse
 import gc
 
 import torch
-from common import boot_comfy, emit, peak_gib, register_pack, wall_time
+from common import boot_comfy, cuda_time, emit, peak_gib, register_pack, wall_time
 
 DTYPE = torch.bfloat16
 GUIDANCE = 4.5
@@ -108,13 +108,20 @@ def bench_sprint(modes: list[str], resolution: int = 1024) -> None:
             out = sample_single_pass(patched, conditioning, conditioning, latent, 0, GUIDANCE, sampler, sigmas)
             return vae.decode(out["samples"])
 
+        def run_velox_sampling():
+            return sample_single_pass(patched, conditioning, conditioning, latent, 0, GUIDANCE, sampler, sigmas)
+
         warmup = 1 if mode == "eager" else 3
         with torch.inference_mode():
             ref_s = wall_time(run_diffusers, warmup=warmup, repeat=10)
             ours_s = wall_time(run_velox, warmup=warmup, repeat=10)
+            sampling_s = wall_time(run_velox_sampling, warmup=1, repeat=10)
+            sampled = run_velox_sampling()["samples"]
+            decode_s = wall_time(lambda: vae.decode(sampled), warmup=1, repeat=10)
             ref_gib, ours_gib = peak_gib(run_diffusers), peak_gib(run_velox)
         emit({"bench": "sprint_1600m_1step_1024_with_decode", "mode": mode, "diffusers_s": round(ref_s, 4),
-              "velox_s": round(ours_s, 4), "ratio": round(ours_s / ref_s, 3), "target_s": 0.05,
+              "velox_s": round(ours_s, 4), "velox_sampling_s": round(sampling_s, 4),
+              "velox_decode_node_s": round(decode_s, 4), "ratio": round(ours_s / ref_s, 3), "target_s": 0.05,
               "target_ratio": 0.8, "diffusers_peak_gib": round(ref_gib, 2), "velox_peak_gib": round(ours_gib, 2),
               "device": torch.cuda.get_device_name()})
     pipe = model = reference = None  # free before the next part
@@ -172,9 +179,41 @@ def bench_4k(steps: int = 20, resolution: int = 4096) -> None:
           "device": torch.cuda.get_device_name()})
 
 
+def bench_decode(resolution: int = 1024) -> None:
+    """DC-AE decode alone, module level, one image: memory format and compile, ours vs diffusers."""
+    from velox.host.dcae_vae import DCAE_MEMORY_FORMAT
+
+    reference, vae = dcae_pair()
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([vae.patcher])
+    ours = vae.first_stage_model
+    z = torch.randn(1, 32, resolution // 32, resolution // 32, device="cuda", dtype=DTYPE)
+    rows = {}
+    with torch.inference_mode():
+        for fmt in ("contiguous", "channels_last"):
+            memory_format = getattr(torch, f"{fmt}_format")
+            ours.to(memory_format=memory_format)
+            reference.to(memory_format=memory_format)
+            rows[f"diffusers_{fmt}_s"] = cuda_time(lambda: reference.decode(z).sample)
+            rows[f"velox_{fmt}_s"] = cuda_time(lambda: ours.decode(z))
+        ours.to(memory_format=DCAE_MEMORY_FORMAT)
+        rows["velox_node_path_s"] = wall_time(lambda: vae.decode(z), warmup=2, repeat=10)
+        compile_forward(ours.decoder)
+        compile_forward(reference.decoder)
+        for fmt in ("channels_last", "contiguous"):
+            memory_format = getattr(torch, f"{fmt}_format")
+            ours.to(memory_format=memory_format)
+            reference.to(memory_format=memory_format)
+            rows[f"diffusers_compiled_{fmt}_s"] = cuda_time(lambda: reference.decode(z).sample)
+            rows[f"velox_compiled_{fmt}_s"] = cuda_time(lambda: ours.decode(z))
+    emit({"bench": "dcae_decode_formats", "resolution": resolution, **{k: round(v, 5) for k, v in rows.items()},
+          "device": torch.cuda.get_device_name()})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--parts", nargs="+", default=["sprint", "4k"], choices=["sprint", "4k"])
+    parser.add_argument("--parts", nargs="+", default=["sprint", "4k"], choices=["sprint", "4k", "decode"])
     parser.add_argument("--modes", nargs="+", default=["eager", "compile", "compile-all"])
     args = parser.parse_args()
     boot_comfy()
@@ -183,6 +222,8 @@ def main() -> None:
         bench_sprint(args.modes)
     if "4k" in args.parts:
         bench_4k()
+    if "decode" in args.parts:
+        bench_decode()
 
 
 if __name__ == "__main__":

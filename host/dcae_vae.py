@@ -29,6 +29,9 @@ from ..loaders.dcae_keys import EXPECTED_DCAE, DCAEConfig, prepare_dcae_state_di
 
 DEFAULT_TILE_PX = 1024
 DEFAULT_OVERLAP_PX = 128
+# cuDNN runs bf16 convolutions natively in NHWC, and the RMSNorms over channels (core moves the channel
+# dim last for them) then read contiguous memory instead of strided: see bench/RESULTS.md (DC-AE decode)
+DCAE_MEMORY_FORMAT = torch.channels_last
 MIN_TILE_PX = 1024  # smaller tiles seam in flat areas (diffusers#10510)
 MIN_OVERLAP_PX = 128
 
@@ -81,7 +84,7 @@ class DCAEVAE(comfy.sd.VAE):
         self.device = device if device is not None else comfy.model_management.vae_device()
         offload_device = comfy.model_management.vae_offload_device()
         self.vae_dtype = dtype if dtype is not None else comfy.model_management.vae_dtype(self.device, self.working_dtypes)
-        self.first_stage_model.to(self.vae_dtype)
+        self.first_stage_model.to(self.vae_dtype, memory_format=DCAE_MEMORY_FORMAT)
         self.output_device = comfy.model_management.intermediate_device()
         self.patcher = comfy.model_patcher.ModelPatcher(
             self.first_stage_model, load_device=self.device, offload_device=offload_device)

@@ -47,13 +47,24 @@ def wants_start_image(model) -> bool:
     return config.get("image_model") == "wan2.1" and config.get("in_dim", 16) > config.get("out_dim", 16)
 
 
+def wants_clip_vision(model) -> bool:
+    """True for Wan 2.1 I2V 14B, whose ``img_emb`` projects a CLIP ViT-H image embedding (core: model_type i2v)."""
+    return model.model.model_config.unet_config.get("model_type") == "i2v"
+
+
 def check_start_image(model, positive, node: str) -> None:
-    """Refuse to run an I2V model on conditioning without a start image: core would fill zeros silently."""
+    """Refuse to run an I2V model on conditioning without a start image (core would fill zeros silently),
+    or Wan 2.1 I2V without its CLIP vision embedding (core would skip the image branch silently)."""
     if wants_start_image(model) and not any("concat_latent_image" in extra for _, extra in positive):
         in_dim = model.model.model_config.unet_config.get("in_dim")
         raise ValueError(f"{node}: this is an image-to-video Wan model (in_dim {in_dim}) but the positive "
                          "conditioning carries no start image. Pass positive/negative through core "
                          "WanImageToVideo with its start_image connected (and use its latent output).")
+    if wants_clip_vision(model) and not any(extra.get("clip_vision_output") is not None for _, extra in positive):
+        raise ValueError(f"{node}: Wan 2.1 I2V needs the start image's CLIP vision embedding, but the positive "
+                         "conditioning has none. Load clip_vision_h.safetensors with core CLIPVisionLoader, encode "
+                         "the start image with CLIPVisionEncode (crop: none) and connect its output to "
+                         "WanImageToVideo's clip_vision_output.")
 
 
 def _offset_callback(callback, offset: int, total: int):
