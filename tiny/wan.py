@@ -301,6 +301,13 @@ UMT5_BUCKETS = 32
 TINY_UMT5_VOCAB = 512  # upper bound; the trained tokenizer decides the final size
 
 
+# Wan is prompted in English and Chinese; its official negative prompt is Chinese (shared_config.py)
+WAN_NEGATIVE_PROMPT_ZH = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，"
+                          "低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，"
+                          "毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
+CHINESE_PROMPTS = (WAN_NEGATIVE_PROMPT_ZH, "一只红色的狐狸在雪地里奔跑，清晨的阳光", "雨夜的赛博朋克街道，霓虹灯倒映在水面上")
+
+
 def train_tiny_umt5_tokenizer() -> bytes:
     """A serialized SentencePiece unigram model with umT5's special ids (<pad>=0, </s>=1, <unk>=2)."""
     import io
@@ -310,8 +317,9 @@ def train_tiny_umt5_tokenizer() -> bytes:
     from .gemma import _PROMPTS
 
     model = io.BytesIO()
+    corpus = list(_PROMPTS) + [p.lower() for p in _PROMPTS] + list(CHINESE_PROMPTS)
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(list(_PROMPTS) + [p.lower() for p in _PROMPTS]), model_writer=model,
+        sentence_iterator=iter(corpus), model_writer=model,
         model_type="unigram", vocab_size=TINY_UMT5_VOCAB, hard_vocab_limit=False, character_coverage=1.0,
         pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
         byte_fallback=True, num_threads=1, minloglevel=2,

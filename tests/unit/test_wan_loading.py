@@ -420,3 +420,35 @@ def test_a_file_that_is_not_umt5_is_a_clear_error(comfy_host, tmp_path):
     path = tiny.write_official_file({"shared.weight": torch.zeros(4, 4)}, tmp_path / "half.safetensors")
     with pytest.raises(VeloxLoadError, match="half.safetensors: is not a umT5 encoder"):
         load_umt5(path)
+
+
+@pytest.mark.parametrize("prompt", ["a red fox running through fresh snow at sunrise", tiny.WAN_NEGATIVE_PROMPT_ZH,
+                                    "一只红色的狐狸在雪地里奔跑"], ids=["english", "chinese_negative", "chinese"])
+def test_umt5_english_and_chinese_prompts_tokenize_as_sentencepiece_and_encode_as_transformers(
+        comfy_host, tmp_path, prompt):
+    """Through VeloxUMT5Loader's path: the ids are the file's SentencePiece model's plus </s> (no <unk>:
+    Chinese text has pieces or byte fallbacks), and the embedding equals transformers' UMT5EncoderModel
+    holding the same weights, on every real token."""
+    import sentencepiece as spm
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from velox.host.wan_loading import load_umt5
+
+    path = tiny.write_tiny_umt5_file(tmp_path / "umt5_xxl_fp16.safetensors")
+    weights = tiny.tiny_umt5_state_dict()
+    processor = spm.SentencePieceProcessor(model_proto=bytes(weights["spiece_model"].numpy()))
+    clip = load_umt5(path)
+    tokens = clip.tokenize(prompt)
+    ids = [int(token) for token, _ in tokens["umt5xxl"][0] if token != 0]
+    assert ids == processor.encode(prompt) + [1] and 2 not in ids
+    cond = clip.encode_from_tokens_scheduled(tokens)[0][0]
+
+    shape = tiny.TINY_UMT5
+    config = UMT5Config(vocab_size=weights["shared.weight"].shape[0], d_model=shape["d_model"], d_kv=shape["d_kv"],
+                        num_heads=shape["num_heads"], d_ff=shape["d_ff"], num_layers=shape["num_layers"],
+                        feed_forward_proj="gated-gelu", relative_attention_num_buckets=tiny.UMT5_BUCKETS)
+    reference = UMT5EncoderModel(config).eval()
+    reference.load_state_dict({k: v.float() for k, v in weights.items() if k != "spiece_model"}, strict=False)
+    with torch.no_grad():
+        want = reference(input_ids=torch.tensor([ids])).last_hidden_state[0]
+    assert relative_l2(cond[0, :len(ids)].float(), want) <= PARITY_RTOL
