@@ -150,46 +150,59 @@ def bench_vae() -> None:
     free_everything()
 
 
-def watch_expert_release() -> list:
-    """Record GPU memory around the hand-over: the peak of the high-noise phase (with encode), what is
-    allocated just before and just after the high expert is released; resets the peak there."""
+class MemoryLog:
+    """GPU memory around the events of one run. ``reset`` keeps the running maximum of all phases, so
+    the whole-run peak survives the per-phase resets."""
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+        self.overall = 0
+
+    def reset(self) -> None:
+        torch.cuda.synchronize()
+        self.overall = max(self.overall, torch.cuda.max_memory_allocated())
+        torch.cuda.reset_peak_memory_stats()
+
+    def mark(self, event: str, **extra) -> None:
+        torch.cuda.synchronize()
+        self.events.append({"event": event, "allocated_gib": gib(torch.cuda.memory_allocated()),
+                            "peak_since_last_gib": gib(torch.cuda.max_memory_allocated()), **extra})
+        self.reset()
+
+    def peak(self) -> float:
+        self.reset()
+        return gib(self.overall)
+
+
+def gib(value: int) -> float:
+    return round(value / 2**30, 2)
+
+
+def watch_run(experts: list, log: MemoryLog) -> None:
+    """Log memory at the expert hand-over and around every model call (a unet function wrapper)."""
     import velox.host.wan_sampling as wan_sampling
 
-    phases, release = [], wan_sampling.release_expert
+    release = wan_sampling.release_expert
 
-    def gib(value: int) -> float:
-        return round(value / 2**30, 2)
-
-    def watched(done, following):
-        torch.cuda.synchronize()
-        before, peak = torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+    def watched_release(done, following):
+        log.mark("before_release")
         release(done, following)
-        torch.cuda.synchronize()
-        phases.append({"high_phase_peak_gib": gib(peak), "before_release_gib": gib(before),
-                       "after_release_gib": gib(torch.cuda.memory_allocated())})
-        torch.cuda.reset_peak_memory_stats()
+        log.mark("after_release")
 
-    wan_sampling.release_expert = watched
-    return phases
-
-
-def watch_forward(patcher, records: list) -> None:
-    """Per model call: GPU memory allocated before it and its own peak (a unet function wrapper)."""
     def wrapper(apply_model, args):
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+        log.mark("before_forward")
         out = apply_model(args["input"], args["timestep"], **args["c"])
-        torch.cuda.synchronize()
-        records.append({"before_gib": round(before / 2**30, 2),
-                        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                        "input": list(args["input"].shape)})
+        log.mark("forward", input=list(args["input"].shape))
         return out
 
-    patcher.set_model_unet_function_wrapper(wrapper)
+    wan_sampling.release_expert = watched_release
+    for expert in experts:
+        expert.set_model_unet_function_wrapper(wrapper)
 
 
-def bench_lightning() -> None:
+def bench_lightning(runs: int = 2) -> None:
+    """The whole I2V run twice: the first pays cuDNN's algorithm search for the VAE's 3-D convolutions
+    (its trial workspaces can take all free memory for a moment), the second is the steady state."""
     import comfy.model_management
     import comfy.sd
 
@@ -205,35 +218,32 @@ def bench_lightning() -> None:
         del weights
     vae = comfy.sd.VAE(sd=random_wan_vae_state_dict())
     g = torch.Generator().manual_seed(3)
-    positive = [[torch.randn(1, 512, 4096, generator=g), {}]]
-    negative = [[torch.randn(1, 512, 4096, generator=g), {}]]
+    text = [[torch.randn(1, 512, 4096, generator=g), {}]], [[torch.randn(1, 512, 4096, generator=g), {}]]
     start_image = torch.rand(1, HEIGHT, WIDTH, 3, generator=g)
-    phases = watch_expert_release()
-    steps: list = []
-    for expert in experts:
-        watch_forward(expert, steps)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    out = WanImageToVideo.execute(positive, negative, vae, WIDTH, HEIGHT, FRAMES, 1, start_image=start_image)
-    torch.cuda.synchronize()
-    encode_peak = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    positive, negative, latent = out.result if hasattr(out, "result") else out
-    sampled = WanExpertSampler.execute(experts[0], positive, negative, latent, preset="wan22_lightning", seed=0,
-                                       steps=4, cfg_high_noise=1.0, cfg_low_noise=1.0, sampler_name="euler",
-                                       scheduler="simple", shift=5.0, switch="step", boundary=0.9, switch_step=2,
-                                       model_low_noise=experts[1]).result[0]
-    frames = vae.decode(sampled["samples"])
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
-    resident = [m.model for m in comfy.model_management.current_loaded_models if m.model is not None]
-    emit({"bench": "wan22_a14b_i2v_lightning_480x832x81_full_run", "seconds": round(seconds, 2),
-          "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "frames": int(frames.shape[-4]),
-          "phases": phases, "encode_peak_gib": encode_peak, "forward_steps": steps,
-          "high_expert_resident_after": any(p.is_clone(experts[0]) for p in resident),
-          "low_expert_resident_after": any(p.is_clone(experts[1]) for p in resident),
-          "note": "includes loading each expert to the GPU once; text encoding excluded",
-          "device": torch.cuda.get_device_name()})
+    for run in range(runs):
+        log = MemoryLog()
+        watch_run(experts, log)
+        log.reset()
+        started = time.perf_counter()
+        out = WanImageToVideo.execute(*text, vae, WIDTH, HEIGHT, FRAMES, 1, start_image=start_image)
+        log.mark("vae_encode")
+        positive, negative, latent = out.result
+        sampled = WanExpertSampler.execute(experts[0], positive, negative, latent, preset="wan22_lightning",
+                                           seed=0, steps=4, cfg_high_noise=1.0, cfg_low_noise=1.0,
+                                           sampler_name="euler", scheduler="simple", shift=5.0, switch="step",
+                                           boundary=0.9, switch_step=2, model_low_noise=experts[1]).result[0]
+        log.mark("sampled")
+        frames = vae.decode(sampled["samples"])
+        log.mark("vae_decode")
+        seconds = time.perf_counter() - started
+        resident = [m.model for m in comfy.model_management.current_loaded_models if m.model is not None]
+        emit({"bench": "wan22_a14b_i2v_lightning_480x832x81_full_run", "run": run + 1,
+              "seconds": round(seconds, 2), "peak_gib": log.peak(), "frames": int(frames.shape[-4]),
+              "high_expert_resident_after": any(p.is_clone(experts[0]) for p in resident),
+              "low_expert_resident_after": any(p.is_clone(experts[1]) for p in resident),
+              "memory_events": log.events,
+              "note": "each expert is loaded to the GPU once per run; text encoding excluded",
+              "device": torch.cuda.get_device_name()})
 
 
 PARTS = {"forward": bench_forward, "vae": bench_vae, "lightning": bench_lightning}
