@@ -178,11 +178,14 @@ def gib(value: int) -> float:
     return round(value / 2**30, 2)
 
 
+ORIGINAL_RELEASE: dict = {}
+
+
 def watch_run(experts: list, log: MemoryLog) -> None:
     """Log memory at the expert hand-over and around every model call (a unet function wrapper)."""
     import velox.host.wan_sampling as wan_sampling
 
-    release = wan_sampling.release_expert
+    release = ORIGINAL_RELEASE.setdefault("release", wan_sampling.release_expert)
 
     def watched_release(done, following):
         log.mark("before_release")
