@@ -51,6 +51,20 @@ if AVAILABLE:
         return block, e, block * TYPE_SIZE, block < n_blocks
 
     @triton.jit
+    def _tile3(n_blocks, TILE: tl.constexpr, SUBS: tl.constexpr, SUB: tl.constexpr, TYPE_SIZE: tl.constexpr):
+        """Super-block tiles as (TILE, SUBS, SUB): block (TILE, 1, 1) int64, sub-block j (1, SUBS, 1),
+        element in sub-block i (1, 1, SUB), byte base, mask. Per-sub-block fields (K-quant scales and
+        mins) are then loaded once per sub-block, not once per element."""
+        block = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)[:, None, None]
+        j = tl.arange(0, SUBS)[None, :, None]
+        i = tl.arange(0, SUB)[None, None, :]
+        return block, j, i, block * TYPE_SIZE, block < n_blocks
+
+    @triton.jit
+    def _store3(out, block, j, i, value, mask, SUB: tl.constexpr, BF16_OUT: tl.constexpr):
+        tl.store(out + block * 256 + j * SUB + i, _to_output(value, out, BF16_OUT), mask=mask)
+
+    @triton.jit
     def _to_output(value, out, BF16_OUT: tl.constexpr):
         """fp32 -> the output's dtype; bf16 by integer round-to-nearest-even into an int16 view.
 
@@ -152,36 +166,35 @@ if AVAILABLE:
     @triton.jit
     def _q4_k_kernel(src, out, lut, n_blocks, TILE: tl.constexpr, BF16_OUT: tl.constexpr):
         # d @0 · dmin @2 · scales[12] @4 · qs[128] @16 (sub-block j: bytes 32 (j // 2) .., nibble j % 2)
-        block, e, base, mask = _tile(n_blocks, TILE, 256, 144)
-        j = e // 32
+        block, j, i, base, mask = _tile3(n_blocks, TILE, 8, 32, 144)
         scale, minimum = _k_scale_min(src, base, j, mask)
-        q = _nibble(src, base + 16 + (j // 2) * 32 + e % 32, (j % 2) * 4, mask)
+        q = _nibble(src, base + 16 + (j // 2) * 32 + i, (j % 2) * 4, mask)
         d = _f16(src, base, mask) * scale.to(tl.float32)
         dm = _f16(src, base + 2, mask) * minimum.to(tl.float32)
-        _store(out, block, e, d * q.to(tl.float32) - dm, mask, 256, BF16_OUT)
+        _store3(out, block, j, i, d * q.to(tl.float32) - dm, mask, 32, BF16_OUT)
 
     @triton.jit
     def _q5_k_kernel(src, out, lut, n_blocks, TILE: tl.constexpr, BF16_OUT: tl.constexpr):
-        # as Q4_K, plus qh[32] @16 (bit j of byte e % 32); qs[128] @48
-        block, e, base, mask = _tile(n_blocks, TILE, 256, 176)
-        j = e // 32
+        # as Q4_K, plus qh[32] @16 (bit j of byte i); qs[128] @48
+        block, j, i, base, mask = _tile3(n_blocks, TILE, 8, 32, 176)
         scale, minimum = _k_scale_min(src, base, j, mask)
-        high = (_byte(src, base + 16 + e % 32, mask) >> j) & 1
-        q = _nibble(src, base + 48 + (j // 2) * 32 + e % 32, (j % 2) * 4, mask) | (high << 4)
+        high = (_byte(src, base + 16 + i, mask) >> j) & 1
+        q = _nibble(src, base + 48 + (j // 2) * 32 + i, (j % 2) * 4, mask) | (high << 4)
         d = _f16(src, base, mask) * scale.to(tl.float32)
         dm = _f16(src, base + 2, mask) * minimum.to(tl.float32)
-        _store(out, block, e, d * q.to(tl.float32) - dm, mask, 256, BF16_OUT)
+        _store3(out, block, j, i, d * q.to(tl.float32) - dm, mask, 32, BF16_OUT)
 
     @triton.jit
     def _q6_k_kernel(src, out, lut, n_blocks, TILE: tl.constexpr, BF16_OUT: tl.constexpr):
         # ql[128] @0 (element 128a + 64b + k: byte 64a + k, nibble b) · qh[64] @128 (element 128a + 32s + i:
-        # byte 32a + i, bits 2s) · scales int8[16] @192 · d @208
-        block, e, base, mask = _tile(n_blocks, TILE, 256, 210)
+        # byte 32a + i, bits 2s) · scales int8[16] @192 (one per 16 elements: sub-block j) · d @208
+        block, j, i, base, mask = _tile3(n_blocks, TILE, 16, 16, 210)
+        e = j * 16 + i
         low = _nibble(src, base + (e // 128) * 64 + e % 64, ((e // 64) % 2) * 4, mask)
         high = (_byte(src, base + 128 + (e // 128) * 32 + e % 32, mask) >> (((e // 32) % 4) * 2)) & 3
-        scale = _byte(src, base + 192 + e // 16, mask).to(tl.int8).to(tl.float32)
+        scale = _byte(src, base + 192 + j, mask).to(tl.int8).to(tl.float32)
         d = _f16(src, base + 208, mask) * scale
-        _store(out, block, e, d * ((low | (high << 4)) - 32).to(tl.float32), mask, 256, BF16_OUT)
+        _store3(out, block, j, i, d * ((low | (high << 4)) - 32).to(tl.float32), mask, 16, BF16_OUT)
 
     @triton.jit
     def _iq4_nl_kernel(src, out, lut, n_blocks, TILE: tl.constexpr, BF16_OUT: tl.constexpr):
@@ -193,13 +206,12 @@ if AVAILABLE:
     def _iq4_xs_kernel(src, out, lut, n_blocks, TILE: tl.constexpr, BF16_OUT: tl.constexpr):
         # d @0 · scales_h u16 @2 (bits 2j) · scales_l[4] @4 (nibble j % 2 of byte j // 2) ·
         # qs[128] @8 (sub-block j: bytes 16j .., element 16h + k is nibble h of byte k)
-        block, e, base, mask = _tile(n_blocks, TILE, 256, 136)
-        j = e // 32
+        block, j, i, base, mask = _tile3(n_blocks, TILE, 8, 32, 136)
         low = _nibble(src, base + 4 + j // 2, (j % 2) * 4, mask)
         high = (_byte(src, base + 2 + j // 4, mask) >> ((j % 4) * 2)) & 3
         dl = _f16(src, base, mask) * ((low | (high << 4)) - 32).to(tl.float32)
-        value = tl.load(lut + _nibble(src, base + 8 + j * 16 + e % 16, ((e // 16) % 2) * 4, mask))
-        _store(out, block, e, dl * value, mask, 256, BF16_OUT)
+        value = tl.load(lut + _nibble(src, base + 8 + j * 16 + i % 16, (i // 16) * 4, mask))
+        _store3(out, block, j, i, dl * value, mask, 32, BF16_OUT)
 
     BLOCK_KERNELS = {
         Q.Q8_0: _q8_0_kernel, Q.Q4_0: _q4_0_kernel, Q.Q4_1: _q4_1_kernel,
