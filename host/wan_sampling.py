@@ -111,6 +111,7 @@ def sample_two_experts(high, low, positive, negative, latent: dict, seed: int, c
     callback = latent_preview.prepare_callback(high, total)
     samples = latent_image
     if k > 0:
+        release_expert(low, high)  # left loaded by an earlier run
         samples = _sample(high, noise, cfg_high, sampler_high, sigmas[:k + 1], positive, negative, latent_image,
                           noise_mask, _offset_callback(callback, 0, total), seed)
     if k < total:

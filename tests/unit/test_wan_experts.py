@@ -185,14 +185,26 @@ def test_experts_are_really_switched_and_cfg_is_per_expert(experts, conds):
     assert not torch.equal(both, node_run(high, low, conds, video_latent(), cfg_high_noise=5.0))
 
 
-def test_only_one_expert_stays_loaded_after_the_hand_over(experts, conds):
+def test_only_one_expert_is_loaded_at_a_time_run_after_run(experts, conds):
     import comfy.model_management as mm
 
+    def loaded(expert) -> bool:
+        return any(m.model is not None and m.model.is_clone(expert) for m in mm.current_loaded_models)
+
     high, low = experts
-    node_run(high, low, conds, video_latent())
-    loaded = [m.model for m in mm.current_loaded_models if m.model is not None]
-    assert not any(patcher.is_clone(high) for patcher in loaded), "the high-noise expert is still loaded"
-    assert any(patcher.is_clone(low) for patcher in loaded)
+    seen = []
+
+    def wrapper(apply_model, args):
+        seen.append((loaded(high), loaded(low)))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    high, low = high.clone(), low.clone()
+    high.set_model_unet_function_wrapper(wrapper)
+    low.set_model_unet_function_wrapper(wrapper)
+    for _ in range(2):  # the second run starts with the low-noise expert still loaded from the first
+        node_run(high, low, conds, video_latent())
+        assert not loaded(high) and loaded(low)
+    assert seen == [(True, False)] * 3 + [(False, True)] * 3 + [(True, False)] * 3 + [(False, True)] * 3
 
 
 def test_seeds_are_reproducible_and_batch_items_differ(experts, conds):
