@@ -1,0 +1,153 @@
+"""What the GGUF converter needs to know per model family: its ``general.architecture``, how its
+keys become canonical names (one group of source keys at a time), and which tensors never get a
+block type.
+
+Canonical names are the ones Velox's loaders produce (official Sana / Wan names, which for Wan are
+also ComfyUI's and city96's), so a converted file loads through the same key maps as a
+safetensors one. Groups exist because Sana's diffusers layout fuses ``to_q/to_k/to_v`` into one
+``qkv``: the converter reads a whole block's tensors together, never the whole model.
+
+Never-quantize lists (regular expressions over canonical names) follow city96's ``lcpp.patch``
+for Wan and the issue's rule for every family: embeddings, modulation, norms, heads, time / text
+embedders stay in a float type. ``KEEP_F32`` are parameters that city96 keeps in F32 (Wan's
+``modulation``, Sana's ``scale_shift_table``: added to activations, not multiplied).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import VeloxLoadError
+from .sana_keys import SANA_PREFIXES as COMFY_PREFIXES
+from .sana_keys import canonicalize_sana_state_dict
+from .wan_keys import diffusers_to_official_key, is_diffusers_wan, strip_wan_prefix
+
+Canonicalize = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class GGUFFamily:
+    """One family's conversion rules (see the module docstring)."""
+
+    name: str
+    architecture: str  # general.architecture
+    keep_float: tuple[str, ...]  # never a block type
+    keep_f32: tuple[str, ...] = ()
+    markers: tuple[str, ...] = ()  # a key ending in one of these marks the family (auto detection)
+
+    def keeps_float(self, name: str) -> bool:
+        return any(re.search(pattern, name) for pattern in self.keep_float)
+
+    def keeps_f32(self, name: str) -> bool:
+        return any(re.search(pattern, name) for pattern in self.keep_f32)
+
+
+FAMILIES: dict[str, GGUFFamily] = {
+    "sana": GGUFFamily(
+        "sana", "sana",
+        keep_float=(r"^x_embedder\.", r"^t_embedder\.", r"^cfg_embedder\.", r"^t_block\.", r"^y_embedder\.",
+                    r"^final_layer\.", r"depth_conv", r"norm", r"scale_shift_table"),
+        keep_f32=(r"scale_shift_table",),
+        markers=("mlp.inverted_conv.conv.weight", "ff.conv_inverted.weight"),
+    ),
+    "wan": GGUFFamily(
+        "wan", "wan",
+        keep_float=(r"^patch_embedding\.", r"^vace_patch_embedding\.", r"^text_embedding\.", r"^time_embedding\.",
+                    r"^time_projection\.", r"^img_emb\.", r"^head\.", r"modulation", r"norm"),
+        keep_f32=(r"modulation",),
+        markers=("head.modulation", "condition_embedder.time_proj.weight", "blocks.0.self_attn.q.weight"),
+    ),
+    "videocrafter": GGUFFamily(
+        # Only the UNet's layers get block types; the VAE, text and image encoders of a release
+        # checkpoint stay float under their own prefixes.
+        "videocrafter", "videocrafter",
+        keep_float=(r"^(?!model\.diffusion_model\.)", r"time_embed\.", r"fps_embedding\.", r"emb_layers\.",
+                    r"norm", r"input_blocks\.0\.0\.", r"^model\.diffusion_model\.out\.", r"embeddings_table"),
+        markers=("input_blocks.0.0.weight",),
+    ),
+    "t5encoder": GGUFFamily(
+        "t5encoder", "t5encoder",
+        keep_float=(r"^shared\.", r"embed_tokens", r"relative_attention_bias", r"layer_norm"),
+        markers=("encoder.block.0.layer.0.SelfAttention.q.weight",),
+    ),
+    "gemma2": GGUFFamily(
+        "gemma2", "gemma2",
+        keep_float=(r"embed_tokens", r"norm"),
+        markers=("layers.0.self_attn.q_proj.weight",),
+    ),
+    "generic": GGUFFamily("generic", "velox", keep_float=(r"norm", r"embed")),
+}
+AUTO_ORDER = ("sana", "wan", "videocrafter", "t5encoder", "gemma2")
+
+
+def detect_family(names: list[str], path: str | Path | None = None) -> GGUFFamily:
+    """The family whose marker keys appear (checked in ``AUTO_ORDER``); VeloxLoadError otherwise."""
+    for name in AUTO_ORDER:
+        family = FAMILIES[name]
+        if any(key.endswith(family.markers) for key in names):
+            return family
+    raise VeloxLoadError(path, f"matches no family Velox converts (first keys: {', '.join(names[:4])})",
+                         "a Sana, Wan, VideoCrafter/DynamiCrafter, umT5 or Gemma-2 checkpoint "
+                         "(or choose the generic family)")
+
+
+# ----------------------------------------------------------------------------------------------
+# canonical names, a group of source keys at a time
+# ----------------------------------------------------------------------------------------------
+
+_SANA_BLOCK = re.compile(r"^(?:transformer_)?blocks\.(\d+)\.")
+
+
+def select_source_keys(family: GGUFFamily, names: list[str]) -> list[str]:
+    """The source keys the family converts: for Sana and Wan the ones under ComfyUI's prefix when
+    there are any (a bundled VAE / text encoder is left out), as their loaders choose; else all."""
+    if family.name in ("sana", "wan"):
+        for prefix in COMFY_PREFIXES:
+            selected = [name for name in names if name.startswith(prefix)]
+            if selected:
+                return selected
+    return list(names)
+
+
+def source_groups(family: GGUFFamily, names: list[str]) -> list[list[str]]:
+    """Source keys in groups that canonicalize on their own, in a stable order."""
+    if family.name != "sana":
+        return [[name] for name in names]
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        match = _SANA_BLOCK.match(_strip_comfy_prefix(name))
+        groups.setdefault(f"block {int(match.group(1)):05d}" if match else "top", []).append(name)
+    return [groups[key] for key in sorted(groups)]
+
+
+def _strip_comfy_prefix(name: str) -> str:
+    for prefix in COMFY_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+def make_canonicalizer(family: GGUFFamily, names: list[str], path: str | Path | None = None) -> Canonicalize:
+    """A function from a group's source tensors to canonical ones, fixed for the whole key set."""
+    if family.name == "sana":
+        return lambda group: canonicalize_sana_state_dict(group, path)
+    if family.name == "wan":
+        diffusers = is_diffusers_wan(strip_wan_prefix(dict.fromkeys(names)))
+
+        def wan(group: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            out = {}
+            for key, tensor in group.items():
+                name = _strip_comfy_prefix(key)
+                official = diffusers_to_official_key(name) if diffusers else name
+                if official is None:
+                    raise VeloxLoadError(path, f"diffusers Wan key {key} matches no known layout",
+                                         "a diffusers WanTransformer3DModel / WanVACETransformer3DModel checkpoint")
+                out[official] = tensor
+            return out
+        return wan
+    return dict
