@@ -22,6 +22,7 @@ import torch
 from common import boot_comfy, cuda_time, emit, peak_gib, register_pack, wall_time
 
 DTYPE = torch.bfloat16
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 GUIDANCE = 4.5
 
 
@@ -192,7 +193,7 @@ def bench_decode(resolution: int = 1024) -> None:
     rows = {}
     with torch.inference_mode():
         for fmt in ("contiguous", "channels_last"):
-            memory_format = getattr(torch, f"{fmt}_format")
+            memory_format = MEMORY_FORMATS[fmt]
             ours.to(memory_format=memory_format)
             reference.to(memory_format=memory_format)
             rows[f"diffusers_{fmt}_s"] = cuda_time(lambda: reference.decode(z).sample)
@@ -202,7 +203,7 @@ def bench_decode(resolution: int = 1024) -> None:
         compile_forward(ours.decoder)
         compile_forward(reference.decoder)
         for fmt in ("channels_last", "contiguous"):
-            memory_format = getattr(torch, f"{fmt}_format")
+            memory_format = MEMORY_FORMATS[fmt]
             ours.to(memory_format=memory_format)
             reference.to(memory_format=memory_format)
             rows[f"diffusers_compiled_{fmt}_s"] = cuda_time(lambda: reference.decode(z).sample)

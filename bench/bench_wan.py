@@ -136,6 +136,7 @@ def bench_vae() -> None:
         outs = {}
         for name, vae in (("native", native), ("velox", ours)):
             with torch.inference_mode():
+                row[f"{name}_first_call_peak_gib"] = round(peak_gib(lambda: vae.decode(latent)), 2)
                 row[f"{name}_node_s"] = round(wall_time(lambda: vae.decode(latent), warmup=1, repeat=3), 4)
                 row[f"{name}_node_peak_gib"] = round(peak_gib(lambda: vae.decode(latent)), 2)
                 comfy.model_management.load_models_gpu([vae.patcher])
