@@ -1,0 +1,68 @@
+"""Which model family a LoRA (or a model) is for, from its module names alone.
+
+Rules are regular expressions on the module name with its dialect prefix stripped and dots made
+underscores, so kohya, official and diffusers spellings read the same. The family with the most
+matching modules wins; a file matching no rule (a text-encoder-only LoRA) has no family.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable
+
+from .lora_keys import MODULE_PREFIXES, is_text_encoder_key, split_lora_key
+
+FAMILY_RULES: dict[str, tuple[str, ...]] = {
+    "wan": (
+        r"(^|_)self_attn_[qkvo]$", r"(^|_)cross_attn_([qkvo]|k_img|v_img)$", r"^(vace_)?blocks_\d+_ffn_",
+        r"^(vace_)?blocks_\d+_attn[12]_(to_|add_|norm_)", r"^(time_projection|text_embedding|time_embedding|head_head)",
+        r"^condition_embedder_", r"^(vace_blocks|vace_patch_embedding|img_emb)",
+    ),
+    "sana": (
+        r"(^|_)attn_(qkv|proj)$", r"(^|_)cross_attn_(q_linear|kv_linear|proj)$",
+        r"(^|_)mlp_(inverted_conv|depth_conv|point_conv)", r"^transformer_blocks_\d+_(attn[12]_|ff_conv_)",
+        r"^(t_block|y_embedder|x_embedder|t_embedder|cfg_embedder|final_layer|attention_y_norm)",
+        r"^(caption_projection|time_embed_(emb|linear|timestep|guidance)|adaln_single|patch_embed)",
+    ),
+    "videocrafter": (
+        r"^(input_blocks|output_blocks|middle_block|out_[02])_", r"temopral_conv",
+        r"^(fps_embedding|framestride_embed|image_proj_model|time_embed_[02])",
+    ),
+}
+_COMPILED = {family: re.compile("|".join(rules)) for family, rules in FAMILY_RULES.items()}
+FAMILY_NAMES = {"wan": "Wan", "sana": "Sana", "videocrafter": "VideoCrafter / DynamiCrafter"}
+
+
+def _plain_module(module: str) -> str:
+    for prefix, _ in MODULE_PREFIXES:
+        if module.startswith(prefix):
+            module = module[len(prefix):]
+            break
+    return module.replace(".", "_")
+
+
+def family_of_modules(modules: Iterable[str]) -> str | None:
+    """The family most of these module names belong to (prefixes and dots are ignored); None if none."""
+    votes: Counter[str] = Counter()
+    for module in modules:
+        plain = _plain_module(module)
+        for family, pattern in _COMPILED.items():
+            if pattern.search(plain):
+                votes[family] += 1
+    return votes.most_common(1)[0][0] if votes else None
+
+
+def lora_family(keys: Iterable[str]) -> str | None:
+    """The family a LoRA file's diffusion keys are for; None for text-encoder-only or unknown files."""
+    modules = []
+    for key in keys:
+        parts = split_lora_key(key)
+        if parts is not None and not is_text_encoder_key(key):
+            modules.append(parts[0])
+    return family_of_modules(modules)
+
+
+def model_family(weight_keys: Iterable[str], prefix: str = "diffusion_model.") -> str | None:
+    """The family of a model from its canonical state-dict keys (under ``prefix``)."""
+    return family_of_modules(k[len(prefix):].removesuffix(".weight") for k in weight_keys if k.startswith(prefix))
