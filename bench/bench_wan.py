@@ -121,18 +121,26 @@ def random_wan_vae_state_dict() -> dict[str, torch.Tensor]:
     return {key: value.clone() for key, value in vae.state_dict().items()}
 
 
-def bench_vae() -> None:
+def bench_vae(resident_gib: float = 0.0, conv3d_workaround: bool = False) -> None:
+    """``resident_gib``: hold that much GPU memory first (an expert's weights, as in a real run);
+    ``conv3d_workaround``: force core's cuDNN conv3d memory-bug workaround (core applies it only for
+    torch 2.9–2.10)."""
     import comfy.model_management
+    import comfy.ops
     import comfy.sd
 
     from velox.loaders.wan_vae_keys import canonicalize_wan_vae_state_dict
+
+    comfy.ops.NVIDIA_MEMORY_CONV_BUG_WORKAROUND = conv3d_workaround or comfy.ops.NVIDIA_MEMORY_CONV_BUG_WORKAROUND
+    resident = torch.empty(int(resident_gib * 2**30), dtype=torch.uint8, device="cuda")
 
     weights = random_wan_vae_state_dict()
     native = comfy.sd.VAE(sd=dict(weights))
     ours = comfy.sd.VAE(sd=canonicalize_wan_vae_state_dict(dict(weights)))  # load_wan_vae without the file read
     for frames in (21, FRAMES):
         latent = torch.randn(1, 16, (frames - 1) // 4 + 1, HEIGHT // 8, WIDTH // 8)
-        row = {"bench": "wan21_vae_decode_480x832", "frames": frames, "device": torch.cuda.get_device_name()}
+        row = {"bench": "wan21_vae_decode_480x832", "frames": frames, "resident_gib": resident_gib,
+               "conv3d_workaround": comfy.ops.NVIDIA_MEMORY_CONV_BUG_WORKAROUND, "device": torch.cuda.get_device_name()}
         outs = {}
         for name, vae in (("native", native), ("velox", ours)):
             with torch.inference_mode():
@@ -147,7 +155,7 @@ def bench_vae() -> None:
         row["ratio_module"] = round(row["velox_module_s"] / row["native_module_s"], 4)
         row["rel_l2_vs_native"] = relative_l2(outs["velox"], outs["native"])
         emit(row)
-    del native, ours
+    del native, ours, resident
     free_everything()
 
 
@@ -251,16 +259,19 @@ def bench_lightning(runs: int = 2) -> None:
 
 
 PARTS = {"forward": bench_forward, "vae": bench_vae, "lightning": bench_lightning}
+PART_OPTIONS = {"vae": ("resident_gib", "conv3d_workaround")}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
+    parser.add_argument("--resident-gib", type=float, default=0.0, help="vae: GPU memory held during the decode")
+    parser.add_argument("--conv3d-workaround", action="store_true", help="vae: force core's conv3d workaround")
     args = parser.parse_args()
     boot_comfy()
     register_pack()
     for part in args.parts:
-        PARTS[part]()
+        PARTS[part](**{name: getattr(args, name) for name in PART_OPTIONS.get(part, ())})
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def main() -> None:
             seconds = cuda_time(launch, repeat=20)
             emit({"bench": "gguf_dequant_tune", "type": name, "elements_per_program": elements, "warps": warps,
                   "ms": round(seconds * 1e3, 4), "bit_exact": exact,
-                  "shipped": elements == kernels.ELEMENTS_PER_PROGRAM and warps == 4})
+                  "shipped": (elements, warps) == kernels.LAUNCH_SHAPES.get(qtype, (kernels.ELEMENTS_PER_PROGRAM, 4))})
 
 
 if __name__ == "__main__":

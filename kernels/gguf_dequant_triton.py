@@ -27,6 +27,9 @@ except ImportError:  # the pack still works, on the PyTorch twin
 
 Q = GGMLQuantizationType
 ELEMENTS_PER_PROGRAM = 4096  # 16 K-quant blocks or 128 legacy blocks per program
+# (elements per program, warps) where the H100 sweep (bench/tune_gguf_dequant.py, bench/RESULTS.md) found
+# better than the default (ELEMENTS_PER_PROGRAM, 4 warps): smaller programs for the 3-D K-quant tiles
+LAUNCH_SHAPES = {Q.Q4_K: (2048, 2), Q.Q5_K: (2048, 2), Q.Q6_K: (2048, 2)}
 
 if AVAILABLE:
 
@@ -250,8 +253,10 @@ def dequantize_triton(data: torch.Tensor, qtype: int, shape: tuple[int, ...],
         _float_kernel[(triton.cdiv(n_blocks, tile),)](blocks.view(view), target, n_blocks, TILE=tile, KIND=kind,
                                                       BF16_OUT=bf16_out, enable_fp_fusion=False)
         return out
-    tile = ELEMENTS_PER_PROGRAM // block_size
+    elements, warps = LAUNCH_SHAPES.get(qtype, (ELEMENTS_PER_PROGRAM, 4))
+    tile = elements // block_size
     lut = iq4_code_book(data.device)
     BLOCK_KERNELS[qtype][(triton.cdiv(n_blocks, tile),)](blocks, target, lut, n_blocks, TILE=tile,
-                                                         BF16_OUT=bf16_out, enable_fp_fusion=False)
+                                                         BF16_OUT=bf16_out, enable_fp_fusion=False,
+                                                         num_warps=warps)
     return out

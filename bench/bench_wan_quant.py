@@ -1,0 +1,122 @@
+"""Wan 2.1 14B transformer forward at 480x832, 81 frames (32 760 tokens, batch 1, 512 text tokens) with
+quantized Linears vs our bf16 and ComfyUI's native bf16, plus the weight memory each keeps on the GPU.
+
+Variants (``--variants``):
+- ``native_bf16``: core's WanModel on ``comfy.ops.disable_weight_init`` (the 2.93 s anchor);
+- ``ours_bf16``: the same model on Velox's ``quant_ops`` with dense weights (the cost of our Linear);
+- ``q8_0`` / ``q4_k``: GGUF blocks kept packed, dequantized per call (Triton), city96's never-quantize
+  list (Q4_K: every quantized weight in Q4_K, a lower bound for Q4_K_M);
+- ``fp8_dequant`` / ``fp8_lowp`` / ``int8_lowp``: fp8 / int8 per-channel weights, dequantize + bf16
+  GEMM, or W8A8 with per-token activation scales (FP8 ``_scaled_mm``, INT8 Velox's Triton kernel).
+
+Weights are random at the real shapes (one bf16 state dict made on the GPU), quantized on the GPU.
+Each forward's output is compared with ``native_bf16``'s (relative L2). Targets (issue #4): Q4_K and
+Q8_0 <= 1.05x our bf16; Q4_K weights <= 10 GB; fp8_lowp <= 0.87x native (2.93 s).
+
+    python bench/bench_wan_quant.py [--variants native_bf16 q4_k fp8_lowp] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+
+import torch
+from common import boot_comfy, cuda_time, emit, register_pack, relative_l2
+
+WAN_14B = dict(model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, dim=5120, ffn_dim=13824,
+               freq_dim=256, text_dim=4096, out_dim=16, num_heads=40, num_layers=40)
+LATENT = (1, 16, 21, 60, 104)  # 81 frames -> 21 latent frames, 480x832 / 8; patches of 1x2x2 -> 32 760 tokens
+VARIANTS = ("native_bf16", "ours_bf16", "q8_0", "q4_k", "fp8_dequant", "fp8_lowp", "int8_lowp")
+QUANTIZE_AT_LOAD = {"fp8_dequant": ("fp8_e4m3", "dequant"), "fp8_lowp": ("fp8_e4m3", "lowp"),
+                    "int8_lowp": ("int8", "lowp")}
+
+
+def random_state_dict() -> dict[str, torch.Tensor]:
+    """bf16 weights of Wan-14B's shapes with sane scales (1/sqrt(fan_in), norms at 1)."""
+    import comfy.ldm.wan.model
+    import comfy.ops
+
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in comfy.ldm.wan.model.WanModel(
+            **WAN_14B, operations=comfy.ops.disable_weight_init).state_dict().items()}
+    g = torch.Generator("cuda").manual_seed(0)
+    state = {}
+    for key, shape in shapes.items():
+        if key.endswith("norm.weight") or ".norm" in key and key.endswith(".weight"):
+            state[key] = torch.ones(shape, device="cuda", dtype=torch.bfloat16)
+            continue
+        value = torch.randn(shape, device="cuda", generator=g, dtype=torch.bfloat16)
+        fan_in = max(1, value[0].numel()) if value.ndim > 1 else shape[-1]
+        state[key] = value / fan_in**0.5 if not key.endswith("bias") else value * 0.01
+    return state
+
+
+def build(variant: str, state: dict[str, torch.Tensor]):
+    import comfy.ldm.wan.model
+    import comfy.ops
+    from gguf import GGMLQuantizationType as Q
+
+    from velox.host.quant_loading import NEVER_QUANTIZE
+    from velox.host.quant_ops import make_quant_operations
+    from velox.host.quant_tensor import quantize_weight_gguf
+
+    if variant == "native_bf16":
+        ops, weights = comfy.ops.disable_weight_init, state
+    else:
+        quantization, compute = QUANTIZE_AT_LOAD.get(variant, ("none", "dequant"))
+        ops = make_quant_operations(quantization, compute, NEVER_QUANTIZE["wan"])
+        weights = dict(state)
+        if variant in ("q8_0", "q4_k"):
+            import re
+
+            keep = re.compile("|".join(NEVER_QUANTIZE["wan"]))
+            qtype = Q.Q8_0 if variant == "q8_0" else Q.Q4_K
+            for key, value in state.items():
+                if key.endswith(".weight") and value.ndim == 2 and not keep.search(key[: -len(".weight")]):
+                    weights[key] = quantize_weight_gguf(value, qtype)
+    model = comfy.ldm.wan.model.WanModel(**WAN_14B, device="cuda", dtype=torch.bfloat16, operations=ops).eval()
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    assert not missing and not unexpected, (missing[:4], unexpected[:4])
+    return model
+
+
+def weight_gb(model: torch.nn.Module) -> float:
+    return sum(t.nelement() * t.element_size() for t in model.state_dict().values()) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    boot_comfy()
+    register_pack()
+    state = random_state_dict()
+    g = torch.Generator("cuda").manual_seed(1)
+    x = torch.randn(LATENT, device="cuda", dtype=torch.bfloat16, generator=g)
+    context = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16, generator=g)
+    t = torch.tensor([750.0], device="cuda")
+    reference, seconds = None, {}
+    for variant in args.variants:
+        model = build(variant, state)
+        with torch.inference_mode():
+            run = lambda model=model: model(x, t, context)  # noqa: E731
+            out = run().float()
+            seconds[variant] = cuda_time(run, warmup=1, repeat=args.repeat)
+        if reference is None:
+            reference = out
+        record = {"bench": "wan14b_quant_forward", "variant": variant, "s": round(seconds[variant], 4),
+                  "weight_gb": round(weight_gb(model), 2), "rel_err_vs_first": round(relative_l2(out, reference), 5),
+                  "first": args.variants[0], "tokens": 32760, "device": torch.cuda.get_device_name()}
+        for anchor in ("native_bf16", "ours_bf16"):
+            if anchor in seconds:
+                record[f"ratio_vs_{anchor}"] = round(seconds[variant] / seconds[anchor], 3)
+        emit(record)
+        del model, out
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
