@@ -31,9 +31,23 @@ def _model_folders(folder_key: str, is_model_folder: Callable[[Path], bool]) -> 
     return found
 
 
-def model_choices(folder_key: str, is_model_folder: Callable[[Path], bool]) -> list[str]:
-    """Files, model folders and HF-cache repositories for a loader's dropdown."""
+def _files_with_extensions(folder_key: str, extensions: tuple[str, ...]) -> list[str]:
+    """Files ComfyUI's own list leaves out (its extension set for the key lacks ``.gguf``)."""
+    found: set[str] = set()
+    for base in folder_paths.get_folder_paths(folder_key):
+        if os.path.isdir(base):
+            files, _ = folder_paths.recursive_search(base, excluded_dir_names=[".git"])
+            found.update(folder_paths.filter_files_extensions(files, extensions))
+    return sorted(found)
+
+
+def model_choices(folder_key: str, is_model_folder: Callable[[Path], bool],
+                  extra_extensions: tuple[str, ...] = ()) -> list[str]:
+    """Files, model folders and HF-cache repositories for a loader's dropdown; ``extra_extensions``
+    (``(".gguf",)``) adds files of those types."""
     files = list(folder_paths.get_filename_list(folder_key))
+    if extra_extensions:
+        files = sorted(set(files) | set(_files_with_extensions(folder_key, extra_extensions)))
     folders = _model_folders(folder_key, is_model_folder)
     cached = [HF_CACHE_PREFIX + repo for repo in list_hf_cache_repos(lambda _repo, snapshot: is_model_folder(snapshot))]
     return files + folders + cached

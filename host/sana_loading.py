@@ -8,13 +8,21 @@ import torch
 
 from ..loaders.checkpoint_files import read_component
 from .dcae_vae import load_dcae_vae
+from .quant_loading import has_quantized_layers, read_weights
+from .quant_models import build_quantized_sana
 from .sana_model import build_sana_model
 from .sana_text_encoder import load_sana_text_encoder
 
 
-def load_sana_model(path: Path, dtype: torch.dtype | None = None):
-    """A Sana transformer (any layout) as a ComfyUI MODEL."""
-    state_dict, config = read_component(path, "transformer")
+def load_sana_model(path: Path, dtype: torch.dtype | None = None, quantization: str = "none",
+                    quant_compute: str = "dequant"):
+    """A Sana transformer (any layout, GGUF and ComfyUI fp8 formats included) as a ComfyUI MODEL.
+
+    quantization (none / fp8_e4m3 / int8) and quant_compute (dequant / lowp): ``host/quant_ops.py``.
+    """
+    state_dict, config = read_weights(path, "transformer")
+    if quantization != "none" or has_quantized_layers(state_dict):
+        return build_quantized_sana(state_dict, path, dtype, config, quantization, quant_compute)
     return build_sana_model(state_dict, path=str(path), dtype=dtype, diffusers_config=config)
 
 

@@ -33,6 +33,7 @@ from ..loaders.checkpoint_files import (
 from ..loaders.wan_detect import WanVariant, sniff_wan
 from ..loaders.wan_vae_keys import canonicalize_wan_vae_state_dict
 from .model_paths import HF_CACHE_PREFIX
+from .quant_loading import has_quantized_layers, read_weights
 
 # Wan 2.2 A14B expert folders, (high noise = sigma above the boundary, low noise): diffusers, official
 EXPERT_FOLDER_PAIRS = (("transformer", "transformer_2"), ("high_noise_model", "low_noise_model"))
@@ -60,19 +61,25 @@ def resolve_source(source: str | Path) -> Path:
 
 def load_wan_model(
     source: str | Path, dtype: torch.dtype | None = None, expert: str = "high_noise",
-    model_options: dict | None = None,
+    model_options: dict | None = None, quantization: str = "none", quant_compute: str = "dequant",
 ) -> comfy.model_patcher.ModelPatcher:
     """A Wan transformer of any layout as a ComfyUI MODEL on core's WanModel / VaceWanModel.
 
     source: a file (official, ComfyUI-prefixed, diffusers), a diffusers or official folder (sharded
     too), a Wan 2.2 folder (``expert`` "high_noise" picks ``transformer/`` / ``high_noise_model/``,
     "low_noise" ``transformer_2/`` / ``low_noise_model/``), or ``"hf-cache: Org/Name"``.
-    model_options go to core (``custom_operations`` for quantized ops).
+    model_options go to core. GGUF, scaled-fp8 and comfy_quant files, and ``quantization`` other than
+    "none" (fp8_e4m3 / int8, computed by ``quant_compute`` dequant / lowp), load on ``host/quant_ops.py``.
     """
     path = resolve_source(source)
     pair = _expert_folders(path)
     component = pair[EXPERTS.index(expert)] if pair else "transformer"
-    variant, canonical = sniff_wan(_read_transformer(path, component), path)
+    weights, _ = read_weights(path, component)
+    if quantization != "none" or has_quantized_layers(weights):
+        from .quant_models import build_quantized_wan
+
+        return build_quantized_wan(weights, path, dtype, quantization, quant_compute)
+    variant, canonical = sniff_wan(weights, path)
     return build_wan_model(canonical, variant, path, dtype=dtype, model_options=model_options)
 
 

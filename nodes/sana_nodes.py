@@ -11,6 +11,7 @@ import torch
 from comfy_api.latest import io
 
 from ..host.model_paths import model_choices, resolve_model_choice
+from ..host.quant_inputs import quantization_inputs
 
 CATEGORY = "Velox/Sana"
 DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -46,8 +47,8 @@ class SanaModelLoader(io.ComfyNode):
             "safetensors, diffusers file or folder, ComfyUI-prefixed, local Hugging Face cache). The size, "
             "q/k norm, position embedding and Sprint variant are detected from the weights.",
             inputs=[
-                io.Combo.Input("model_name", options=model_choices("diffusion_models", _is_sana_folder),
-                               tooltip="A file or diffusers folder in models/diffusion_models, or a Sana "
+                io.Combo.Input("model_name", options=model_choices("diffusion_models", _is_sana_folder, (".gguf",)),
+                               tooltip="A file (GGUF included) or diffusers folder in models/diffusion_models, or a Sana "
                                "repository already in the Hugging Face cache (never downloaded)."),
                 io.Combo.Input("weight_dtype", options=list(DTYPES), default="default",
                                tooltip="Weight precision; 'default' lets ComfyUI pick for this GPU."),
@@ -55,16 +56,18 @@ class SanaModelLoader(io.ComfyNode):
                                tooltip="torch.compile the transformer at its first sampling step, once per "
                                "resolution and batch size (about a minute each). 'cuda graphs' also "
                                "removes launch overhead; use it only when the model stays on the GPU."),
+                *quantization_inputs(),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, model_name, weight_dtype, compile) -> io.NodeOutput:
+    def execute(cls, model_name, weight_dtype, compile, quantization="none", quant_compute="dequant") -> io.NodeOutput:
         from ..host.sana_loading import load_sana_model
 
         path = resolve_model_choice("diffusion_models", model_name)
-        model = load_sana_model(path, dtype=DTYPES[weight_dtype])
+        model = load_sana_model(path, dtype=DTYPES[weight_dtype], quantization=quantization,
+                                quant_compute=quant_compute)
         if COMPILE_MODES[compile] is not None:
             from comfy_api.torch_helpers import set_torch_compile_wrapper
 

@@ -10,6 +10,7 @@ import torch
 from comfy_api.latest import io
 
 from ..host.model_paths import model_choices, resolve_model_choice
+from ..host.quant_inputs import quantization_inputs
 from ..host.wan_loading import EXPERTS
 
 CATEGORY = "Velox/Wan"
@@ -47,8 +48,8 @@ class WanModelLoader(io.ComfyNode):
             "sharded, local Hugging Face cache) onto ComfyUI core's Wan model. The variant is detected "
             "from the weights.",
             inputs=[
-                io.Combo.Input("model_name", options=model_choices("diffusion_models", _is_wan_folder),
-                               tooltip="A file or diffusers folder in models/diffusion_models, or a Wan "
+                io.Combo.Input("model_name", options=model_choices("diffusion_models", _is_wan_folder, (".gguf",)),
+                               tooltip="A file (GGUF included) or diffusers folder in models/diffusion_models, or a Wan "
                                "repository already in the Hugging Face cache (never downloaded)."),
                 io.Combo.Input("weight_dtype", options=list(DTYPES), default="default",
                                tooltip="Weight precision; 'default' lets ComfyUI pick for this GPU."),
@@ -56,16 +57,18 @@ class WanModelLoader(io.ComfyNode):
                                tooltip="Only for a Wan 2.2 A14B folder: 'high_noise' loads transformer/ "
                                "(or high_noise_model/), 'low_noise' loads transformer_2/ (or "
                                "low_noise_model/). Single files hold one model and ignore this."),
+                *quantization_inputs(),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, model_name, weight_dtype, expert) -> io.NodeOutput:
+    def execute(cls, model_name, weight_dtype, expert, quantization="none", quant_compute="dequant") -> io.NodeOutput:
         from ..host.wan_loading import load_wan_model
 
         path = resolve_model_choice("diffusion_models", model_name)
-        return io.NodeOutput(load_wan_model(path, dtype=DTYPES[weight_dtype], expert=expert))
+        return io.NodeOutput(load_wan_model(path, dtype=DTYPES[weight_dtype], expert=expert,
+                                            quantization=quantization, quant_compute=quant_compute))
 
 
 class WanVAELoader(io.ComfyNode):

@@ -1,0 +1,127 @@
+"""Sana and Wan MODELs built on ``quant_ops``: GGUF / scaled-fp8 / comfy_quant files, or float files
+quantized at load (``quantization`` fp8_e4m3 / int8), computed by ``dequant`` or ``lowp``.
+
+The builds follow the plain ones (``host/sana_model.build_sana_model``, ``host/wan_loading``'s
+config route) with two differences: the model gets our ``operations``, and detection runs on
+``quant_loading.detection_view`` (logical shapes) while the packed records load into the layers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import comfy.model_detection
+import comfy.model_management
+import comfy.model_patcher
+import comfy.utils
+import torch
+
+from ..errors import VeloxLoadError
+from ..loaders.sana_detect import sniff_sana
+from ..loaders.wan_detect import sniff_wan
+from .quant_loading import (
+    NEVER_QUANTIZE,
+    Weights,
+    densify_non_matrices,
+    detection_view,
+    restore_packed,
+    squeeze_packed_1x1,
+)
+from .quant_ops import QuantLinear, make_quant_operations
+from .quant_tensor import PackedWeight
+
+
+def _devices() -> tuple[torch.device, torch.device]:
+    return comfy.model_management.get_torch_device(), comfy.model_management.unet_offload_device()
+
+
+def _inference_dtypes(model_config, shapes: Mapping[str, torch.Tensor], dtype: torch.dtype | None, load_device):
+    """ComfyUI's weight / compute dtype choice, made from the logical shapes (packed = bf16)."""
+    supported = list(model_config.supported_inference_dtypes)
+    if dtype is None:
+        dtype = comfy.model_management.unet_dtype(
+            model_params=comfy.utils.calculate_parameters(shapes), supported_dtypes=supported,
+            weight_dtype=comfy.utils.weight_dtype(shapes))
+    model_config.set_inference_dtype(dtype, comfy.model_management.unet_manual_cast(dtype, load_device, supported))
+    return dtype
+
+
+def _load_checked(module: torch.nn.Module, state_dict: Weights, path, what: str) -> None:
+    """Load every tensor; refuse a model left with a missing or unfilled parameter.
+
+    A packed tensor meant for anything but a Linear's weight (a quantized embedding table, say) is
+    dequantized once here: only ``QuantLinear`` computes from packed storage."""
+    linears = {name for name, m in module.named_modules() if isinstance(m, QuantLinear)}
+    state_dict = {k: v.dequantize(torch.float32) if isinstance(v, PackedWeight)
+                  and not (k.endswith(".weight") and k[: -len(".weight")] in linears) else v
+                  for k, v in state_dict.items()}
+    try:
+        missing, unexpected = module.load_state_dict(dict(state_dict), strict=False)
+    except RuntimeError as error:
+        raise VeloxLoadError(path, f"weights do not fit {what}: {str(error)[:300]}", f"a complete {what}") from None
+    unfilled = [name for name, p in module.named_parameters() if p.is_meta]
+    if missing or unexpected or unfilled:
+        raise VeloxLoadError(path, f"weights do not fit {what} (missing {(missing or unfilled)[:4]}, "
+                             f"unexpected {unexpected[:4]})", f"a complete {what} checkpoint")
+
+
+def _describe(quantization: str, compute: str, weights: Weights) -> str:
+    kinds = sorted({v.kind for v in weights.values() if isinstance(v, PackedWeight)})
+    return f"stored {'/'.join(kinds) or 'float'}, load-time quantization {quantization}, compute {compute}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Sana
+# ----------------------------------------------------------------------------------------------
+
+
+def build_quantized_sana(weights: Weights, path: str | Path | None = None, dtype: torch.dtype | None = None,
+                         diffusers_config: dict | None = None, quantization: str = "none",
+                         compute: str = "dequant") -> comfy.model_patcher.ModelPatcher:
+    """Sana from weights that may hold ``PackedWeight`` records, as a ComfyUI MODEL."""
+    from .sana_model import SanaModelConfig
+
+    weights = densify_non_matrices(squeeze_packed_1x1(weights))
+    view, lookup = detection_view(weights)
+    config, canonical = sniff_sana(view, path=str(path) if path else None, diffusers_config=diffusers_config)
+    state_dict = restore_packed(canonical, lookup, path)
+    load_device, offload_device = _devices()
+    model_config = SanaModelConfig(config.model_kwargs())
+    model_config.sampling_settings = dict(model_config.sampling_settings, shift=config.flow_shift)
+    dtype = _inference_dtypes(model_config, canonical, dtype, load_device)
+    model_config.custom_operations = make_quant_operations(quantization, compute, NEVER_QUANTIZE["sana"])
+    model = model_config.get_model(state_dict, device=offload_device)
+    _load_checked(model.diffusion_model, state_dict, path, f"Sana {config.describe()}")
+    logging.info("Velox: Sana %s loaded from %s (%s; %s)", config.describe(), path, dtype,
+                 _describe(quantization, compute, state_dict))
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Wan
+# ----------------------------------------------------------------------------------------------
+
+
+def build_quantized_wan(weights: Weights, path: str | Path | None = None, dtype: torch.dtype | None = None,
+                        quantization: str = "none", compute: str = "dequant") -> comfy.model_patcher.ModelPatcher:
+    """Wan (core's WanModel / VaceWanModel) from weights that may hold ``PackedWeight`` records."""
+    from .wan_loading import wan_text_dim
+
+    weights = densify_non_matrices(weights)
+    view, lookup = detection_view(weights)
+    variant, canonical = sniff_wan(view, path)
+    state_dict = restore_packed(canonical, lookup, path)
+    model_config = comfy.model_detection.model_config_from_unet(dict(canonical), "")
+    if model_config is None:
+        raise VeloxLoadError(path, f"ComfyUI could not build {variant.describe()}", "a Wan transformer core knows")
+    model_config.unet_config["text_dim"] = wan_text_dim(canonical)
+    load_device, offload_device = _devices()
+    dtype = _inference_dtypes(model_config, canonical, dtype, load_device)
+    model_config.custom_operations = make_quant_operations(quantization, compute, NEVER_QUANTIZE["wan"])
+    model = model_config.get_model(dict(canonical), "", device=offload_device)
+    _load_checked(model.diffusion_model, state_dict, path, variant.describe())
+    logging.info("Velox: %s loaded from %s (%s; %s)", variant.describe(), path, dtype,
+                 _describe(quantization, compute, state_dict))
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
