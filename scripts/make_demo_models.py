@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from velox_import import register_pack  # noqa: E402
 
-DEMO_VERSION = "6"  # bump when a tiny model or a file name changes
+DEMO_VERSION = "7"  # bump when a tiny model or a file name changes
 
 SANA_FILE = "diffusion_models/Sana_1600M_1024px_BF16.pth"
 SPRINT_FILE = "diffusion_models/Sana_Sprint_1.6B_1024px.pth"
@@ -173,6 +173,15 @@ WRITERS = {"sana": write_sana, "sana sprint": write_sprint, "sana 4k": write_san
            "dcae": write_dcae, "wan 2.1 t2v": write_wan21_t2v, "wan 2.1 vace": write_wan21_vace,
            "wan 2.2 i2v experts": write_wan22_i2v,
            "umt5": write_umt5, "wan vae": write_wan_vae}
+from demo_models_lora import LORA_WRITERS  # noqa: E402
+
+WRITERS.update(LORA_WRITERS)
+from demo_models_gguf import WRITERS as GGUF_WRITERS  # noqa: E402
+
+WRITERS.update(GGUF_WRITERS)
+from demo_models_videocrafter import VIDEOCRAFTER_WRITERS  # noqa: E402
+
+WRITERS.update(VIDEOCRAFTER_WRITERS)
 
 
 def main(argv: list[str] | None = None) -> int:
