@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from velox_import import register_pack  # noqa: E402
 
-DEMO_VERSION = "7"  # bump when a tiny model or a file name changes
+DEMO_VERSION = "8"  # bump when a tiny model or a file name changes
 
 SANA_FILE = "diffusion_models/Sana_1600M_1024px_BF16.pth"
 SPRINT_FILE = "diffusion_models/Sana_Sprint_1.6B_1024px.pth"
