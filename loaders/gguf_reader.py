@@ -286,6 +286,9 @@ def _make_record(array: np.ndarray, info: tuple[str, tuple[int, ...], int, int],
     return GGUFTensorRecord(name=name, qtype=qtype, type_name=type_name(qtype), shape=shape, data=data)
 
 
+MAX_DIMENSION = 1 << 40  # far above any real weight's dimension, far below what numpy refuses
+
+
 def _row_layout(name: str, shape: tuple[int, ...], qtype: int, path: str | Path | None) -> tuple[int, int]:
     """(bytes per row, rows) of a stored shape; a row must be whole blocks and the size sane."""
     block_size, type_size = block_layout(qtype)
@@ -298,7 +301,8 @@ def _row_layout(name: str, shape: tuple[int, ...], qtype: int, path: str | Path 
     for size in shape[:-1]:
         rows *= size
     row_bytes = row // block_size * type_size
-    if rows > 1 << 62 or rows * row_bytes > 1 << 62:
+    # every dimension, not only the product: (huge, 0) has no bytes but no array can take its shape either
+    if max(shape) > MAX_DIMENSION or rows * row_bytes > 1 << 62:
         raise VeloxLoadError(path, f"tensor {name!r} claims shape {shape}", "a tensor that fits in a file")
     return row_bytes, rows
 

@@ -54,7 +54,7 @@ def test_wan21_vace_gguf_workflow_writes_a_video(server):
 def test_float_wan_quantized_at_load_runs_the_vace_workflow(server, quantization, compute):
     prompt = load_api_workflow("wan21_vace")
     inputs = loader(prompt, "VeloxWanLoader")
-    assert "quantization" not in inputs  # saved before the inputs existed: still valid
+    assert inputs["quantization"] == "none"  # the shipped workflow keeps the weights as stored
     inputs.update(quantization=quantization, quant_compute=compute)
     loader(prompt, "WanVaceToVideo")["length"] = 5
     result = server.run(prompt, timeout=300)

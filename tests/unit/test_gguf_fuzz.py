@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 
 import numpy as np
+import pytest
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 from hypothesis import HealthCheck, given, settings
@@ -135,3 +136,14 @@ def test_random_bytes_after_the_magic_raise_only_clean_errors(tail):
 def test_the_seed_file_parses():
     contents = parse_gguf(VALID, "seed.gguf")
     assert contents.tensors["conv"].shape == (2, 2, 16)
+
+
+def test_a_dimension_no_array_can_take_is_a_clean_error():
+    """Found by the fuzzer: dims (2**64 - 2**56, 0) hold no bytes, so only the dimension check catches them."""
+    name = b"w"
+    header = b"GGUF" + struct.pack("<IQQ", 3, 1, 0)
+    info = struct.pack("<Q", len(name)) + name + struct.pack("<IQQIQ", 2, 18374686479671623936, 0, 0, 0)
+    body = header + info
+    body += b"\0" * (-len(body) % 32) + b"\0" * 32
+    with pytest.raises(VeloxLoadError, match="claims shape"):
+        parse_gguf(body, "huge.gguf")
