@@ -73,6 +73,16 @@ class LowRankSide:
         out = torch.nn.functional.linear(torch.nn.functional.linear(x, down), up)
         return out if bias is None else out + bias
 
+    def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``out + self(x)`` written into ``out``: the up-projection's GEMM accumulates straight into the
+        layer's output (cuBLAS beta = 1), saving a pass over the (tokens x out_features) output."""
+        down, up, bias = self._factors(x.device, x.dtype)
+        if down is None or out.dtype != x.dtype or not out.is_contiguous() or out.requires_grad:
+            return out + self(x)
+        flat = out.view(-1, out.shape[-1])
+        flat.addmm_(torch.nn.functional.linear(x.reshape(-1, x.shape[-1]), down), up.t())
+        return out if bias is None else out.add_(bias)
+
     def release(self) -> None:
         """Drop the device copies (ComfyUI unloaded the model; the next call copies again)."""
         self._cache.clear()

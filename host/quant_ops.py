@@ -182,8 +182,9 @@ class QuantLinear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
             comfy.ops.uncast_bias_weight(self, weight, bias, stream)
         else:
             out = self._packed_forward(input)
-        if self.velox_lowrank is not None:
-            out = out + self.velox_lowrank(input)
+        side = self.velox_lowrank
+        if side is not None:  # LowRankSide accumulates in place; any other callable is added
+            out = side.add_to(out, input) if hasattr(side, "add_to") else out + side(input)
         return out
 
     def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:

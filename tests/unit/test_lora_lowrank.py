@@ -298,3 +298,19 @@ def test_real_quant_ops_gguf_q4_k_layer_takes_the_side_product_despite_its_packe
     finally:
         model.unpatch_model(device_to=torch.device("cpu"))
     assert relative_error(got, base + x @ (1.5 * pairs[module].delta()).T) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_to_accumulates_into_the_output_as_the_sum_does(dtype):
+    from velox.host.lowrank import LowRankSide
+
+    g = torch.Generator().manual_seed(0)
+    terms = [(torch.randn(4, 16, generator=g), torch.randn(8, 4, generator=g), 0.5),
+             (torch.randn(2, 16, generator=g), torch.randn(8, 2, generator=g), -1.25)]
+    side = LowRankSide(terms, bias=torch.randn(8, generator=g))
+    x = torch.randn(3, 5, 16, generator=g).to(dtype)
+    out = torch.randn(3, 5, 8, generator=g).to(dtype)
+    want = out + side(x)
+    got = side.add_to(out.clone(), x)
+    tolerance = 1e-6 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(got.float(), want.float(), rtol=tolerance, atol=tolerance)
