@@ -85,7 +85,8 @@ def build_quantized_sana(weights: Weights, path: str | Path | None = None, dtype
 
     weights = densify_non_matrices(squeeze_packed_1x1(weights))
     view, lookup = detection_view(weights)
-    config, canonical = sniff_sana(view, path=str(path) if path else None, diffusers_config=diffusers_config)
+    config, canonical = sniff_sana(view, path=str(path) if path else None, diffusers_config=diffusers_config,
+                                   config=_gguf_sana_config(path))
     state_dict = restore_packed(canonical, lookup, path)
     load_device, offload_device = _devices()
     model_config = SanaModelConfig(config.model_kwargs())
@@ -97,6 +98,17 @@ def build_quantized_sana(weights: Weights, path: str | Path | None = None, dtype
     logging.info("Velox: Sana %s loaded from %s (%s; %s)", config.describe(), path, dtype,
                  _describe(quantization, compute, state_dict))
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+
+
+def _gguf_sana_config(path: str | Path | None):
+    """The SanaConfig our converter records in a GGUF: shapes cannot show a 2K / 4K position embedding."""
+    from ..loaders.gguf_detect import sana_config_from_metadata
+    from ..loaders.gguf_reader import read_gguf
+    from .quant_loading import is_gguf
+
+    if path is None or not is_gguf(Path(path)):
+        return None
+    return sana_config_from_metadata(read_gguf(path).metadata)
 
 
 # ----------------------------------------------------------------------------------------------

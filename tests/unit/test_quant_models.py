@@ -262,3 +262,18 @@ def test_a_quantized_tensor_outside_a_linear_is_dequantized_at_load(host, tmp_pa
     model = host.sana.load_sana_model(path, dtype=torch.float32)
     loaded = model.model.diffusion_model.blocks[0].scale_shift_table
     assert loaded.dtype == torch.float32 and (loaded - table).abs().max() < 0.02 * table.abs().max()
+
+
+def test_sana_4k_gguf_keeps_its_position_embedding_from_the_converter_metadata(comfy_host, tmp_path):
+    """Shapes cannot show Sana's 2K / 4K sincos PE; our converter records the config, the loader reads it."""
+    from velox.host.sana_loading import load_sana_model
+    from velox.loaders.gguf_convert import convert_to_gguf
+    from velox.tiny.sana import TINY_SANA_CONFIGS, tiny_sana_state_dict, write_official_pth
+
+    config = TINY_SANA_CONFIGS["sana_4k_pe"]
+    source = write_official_pth(tmp_path / "Sana_1600M_4Kpx_BF16.pth", tiny_sana_state_dict(config, seed=1))
+    convert_to_gguf(source, tmp_path / "sana_4k-Q8_0.gguf", "Q8_0")
+    net = load_sana_model(tmp_path / "sana_4k-Q8_0.gguf").model.diffusion_model
+    reference = load_sana_model(source).model.diffusion_model
+    assert net.use_pe and reference.use_pe
+    assert net.pe_interpolation == reference.pe_interpolation == config.pe_interpolation
