@@ -43,7 +43,13 @@ def _qh32(blocks: torch.Tensor, start: int) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def iq4_code_book(device: torch.device) -> torch.Tensor:
-    """The 16 IQ4 values as fp32 on ``device``, made once per device (no copy per call)."""
+    """The 16 IQ4 values as fp32 on ``device``, made once per device (no copy per call: every Triton
+    dequantization takes it, and a per-call host-to-device copy costs more than a small kernel)."""
+    return _code_book(torch.device(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _code_book(device: torch.device) -> torch.Tensor:
     return torch.tensor(IQ4_NL_VALUES, dtype=torch.float32, device=device)
 
 
