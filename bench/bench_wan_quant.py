@@ -27,7 +27,8 @@ from common import boot_comfy, cuda_time, emit, register_pack, relative_l2
 WAN_14B = dict(model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, dim=5120, ffn_dim=13824,
                freq_dim=256, text_dim=4096, out_dim=16, num_heads=40, num_layers=40)
 LATENT = (1, 16, 21, 60, 104)  # 81 frames -> 21 latent frames, 480x832 / 8; patches of 1x2x2 -> 32 760 tokens
-VARIANTS = ("native_bf16", "ours_bf16", "q8_0", "q4_k", "fp8_dequant", "fp8_lowp", "int8_lowp")
+VARIANTS = ("native_bf16", "ours_bf16", "q8_0", "q4_k", "q4_k_lora4", "fp8_dequant", "fp8_lowp", "int8_lowp")
+LORAS, LORA_RANK = 4, 128  # q4_k_lora4: issue #6's stack, unmerged side products on every quantized Linear
 QUANTIZE_AT_LOAD = {"fp8_dequant": ("fp8_e4m3", "dequant"), "fp8_lowp": ("fp8_e4m3", "lowp"),
                     "int8_lowp": ("int8", "lowp")}
 
@@ -67,7 +68,7 @@ def build(variant: str, state: dict[str, torch.Tensor]):
         quantization, compute = QUANTIZE_AT_LOAD.get(variant, ("none", "dequant"))
         ops = make_quant_operations(quantization, compute, NEVER_QUANTIZE["wan"])
         weights = dict(state)
-        if variant in ("q8_0", "q4_k"):
+        if variant in ("q8_0", "q4_k", "q4_k_lora4"):
             import re
 
             keep = re.compile("|".join(NEVER_QUANTIZE["wan"]))
@@ -78,7 +79,27 @@ def build(variant: str, state: dict[str, torch.Tensor]):
     model = comfy.ldm.wan.model.WanModel(**WAN_14B, device="cuda", dtype=torch.bfloat16, operations=ops).eval()
     missing, unexpected = model.load_state_dict(weights, strict=False)
     assert not missing and not unexpected, (missing[:4], unexpected[:4])
+    if variant.endswith("_lora4"):
+        attach_lora_stack(model)
     return model
+
+
+def attach_lora_stack(model: torch.nn.Module) -> int:
+    """4 random rank-128 LoRAs on every packed Linear, as ``VeloxLoraStack`` attaches them to a quantized
+    model (a ``LowRankSide`` in ``velox_lowrank``); returns how many layers got one."""
+    from velox.host.lowrank import LowRankSide
+
+    g = torch.Generator("cuda").manual_seed(2)
+    layers = 0
+    for module in model.modules():
+        if getattr(module, "weight_kind", "dense") == "dense" or not hasattr(module, "velox_lowrank"):
+            continue
+        terms = [(torch.randn(LORA_RANK, module.in_features, device="cuda", generator=g, dtype=torch.bfloat16) * 0.01,
+                  torch.randn(module.out_features, LORA_RANK, device="cuda", generator=g, dtype=torch.bfloat16) * 0.01,
+                  0.5) for _ in range(LORAS)]
+        module.velox_lowrank = LowRankSide(terms)
+        layers += 1
+    return layers
 
 
 def weight_gb(model: torch.nn.Module) -> float:
@@ -109,7 +130,7 @@ def main() -> None:
         record = {"bench": "wan14b_quant_forward", "variant": variant, "s": round(seconds[variant], 4),
                   "weight_gb": round(weight_gb(model), 2), "rel_err_vs_first": round(relative_l2(out, reference), 5),
                   "first": args.variants[0], "tokens": 32760, "device": torch.cuda.get_device_name()}
-        for anchor in ("native_bf16", "ours_bf16"):
+        for anchor in ("native_bf16", "ours_bf16", "q4_k"):
             if anchor in seconds:
                 record[f"ratio_vs_{anchor}"] = round(seconds[variant] / seconds[anchor], 3)
         emit(record)
