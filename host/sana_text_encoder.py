@@ -353,6 +353,10 @@ def load_sana_text_encoder(source, dtype: torch.dtype | None = None,
     device: where Gemma runs (default: ComfyUI's text-encoder device), e.g. "cpu" to keep it off the GPU.
     """
     path = Path(source)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from .gguf_text_encoders import load_gemma2_gguf
+
+        return load_gemma2_gguf(path, dtype, device)
     if path.is_dir():
         state_dict, hf_config, tokenizer_data = _read_hf_folder(path)
     elif path.is_file():

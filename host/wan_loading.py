@@ -33,7 +33,7 @@ from ..loaders.checkpoint_files import (
 from ..loaders.wan_detect import WanVariant, sniff_wan
 from ..loaders.wan_vae_keys import canonicalize_wan_vae_state_dict
 from .model_paths import HF_CACHE_PREFIX
-from .quant_loading import has_quantized_layers, read_weights
+from .quant_loading import has_quantized_layers, is_gguf, read_weights
 
 # Wan 2.2 A14B expert folders, (high noise = sigma above the boundary, low noise): diffusers, official
 EXPERT_FOLDER_PAIRS = (("transformer", "transformer_2"), ("high_noise_model", "low_noise_model"))
@@ -194,10 +194,15 @@ def load_umt5(source: str | Path, cpu: bool = False):
     """umT5 as Wan's CLIP: ComfyUI's single file (umT5-XXL goes through core's ``load_clip``, so
     scaled-fp8 and quantization metadata keep working), or a diffusers ``text_encoder/`` + ``tokenizer/``
     folder. The size comes from the weights: anything but XXL (a tiny demo umT5) is built by core's
-    Wan text encoder with its config overridden through ``model_options["umt5xxl_model_config"]``."""
+    Wan text encoder with its config overridden through ``model_options["umt5xxl_model_config"]``.
+    A ``.gguf`` (ours or city96's / llama.cpp's) loads through ``host/gguf_text_encoders.py``."""
     path = resolve_source(source)
     cpu_device = torch.device("cpu")
     options = {"load_device": cpu_device, "offload_device": cpu_device, "initial_device": cpu_device} if cpu else {}
+    if is_gguf(path):  # ours or llama.cpp's; Linear weights stay packed
+        from .gguf_text_encoders import load_umt5_gguf
+
+        return load_umt5_gguf(path, options)
     try:
         config = umt5_config(_umt5_shapes(path), path)
         if config == UMT5_XXL and not path.is_dir():

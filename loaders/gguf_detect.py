@@ -40,9 +40,14 @@ class GGUFDetection:
     detail: object | None = None
     key_map: dict[str, str] = field(default_factory=dict)
 
+    llama_cpp_names: bool = False
+
     def value_offset(self, hf_name: str) -> float:
-        """What to add to a tensor after renaming (llama.cpp's Gemma norms are stored as 1 + w)."""
-        return value_offset(hf_name, self.family) if self.family in ("umt5", "gemma2") else 0.0
+        """What to add to a tensor after renaming: llama.cpp stores Gemma's norms as 1 + w; files that
+        keep HF names (ours) store w itself."""
+        if not self.llama_cpp_names or self.family not in ("umt5", "gemma2"):
+            return 0.0
+        return value_offset(hf_name, self.family)
 
 
 def shape_view(contents: GGUFContents) -> dict[str, torch.Tensor]:
@@ -127,4 +132,4 @@ def _text_encoder(family: str, names: list[str], view: Mapping[str, torch.Tensor
         name = "umT5-XXL" if vocab == UMT5_XXL_VOCAB else f"T5 / umT5 encoder (vocab {vocab}, width {width})"
     else:
         name = f"Gemma-2 (vocab {vocab}, width {width})"
-    return GGUFDetection(family, f"{name}, {layout}", None, key_map)
+    return GGUFDetection(family, f"{name}, {layout}", None, key_map, llama_cpp_names=llama_cpp)

@@ -86,8 +86,10 @@ class GemmaLoader(io.ComfyNode):
             "Hugging Face folder (config.json, weights, tokenizer files), or a Sana diffusers folder's "
             "text_encoder/ + tokenizer/.",
             inputs=[
-                io.Combo.Input("text_encoder_name", options=model_choices("text_encoders", _is_gemma_folder),
-                               tooltip="A file or folder in models/text_encoders, or a cached repository."),
+                io.Combo.Input("text_encoder_name", options=model_choices("text_encoders", _is_gemma_folder,
+                                                                          (".gguf",)),
+                               tooltip="A file (GGUF included) or folder in models/text_encoders, or a cached "
+                               "repository."),
                 io.Combo.Input("device", options=["default", "cpu"], default="default",
                                tooltip="'cpu' keeps Gemma (5 GB in bf16) off the GPU."),
             ],

@@ -105,8 +105,10 @@ class UMT5Loader(io.ComfyNode):
             "diffusers folder's text_encoder/ + tokenizer/. Core's CLIPTextEncode encodes with it. The size is "
             "read from the weights (umT5-XXL loads as core loads it; smaller umT5s get their own config).",
             inputs=[
-                io.Combo.Input("text_encoder_name", options=model_choices("text_encoders", _is_umt5_folder),
-                               tooltip="A file or folder in models/text_encoders, or a cached repository."),
+                io.Combo.Input("text_encoder_name", options=model_choices("text_encoders", _is_umt5_folder,
+                                                                          (".gguf",)),
+                               tooltip="A file (GGUF included) or folder in models/text_encoders, or a cached "
+                               "repository."),
                 io.Combo.Input("device", options=["default", "cpu"], default="default",
                                tooltip="'cpu' keeps umT5-XXL (11 GB in bf16) off the GPU."),
             ],

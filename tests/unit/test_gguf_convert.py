@@ -325,3 +325,18 @@ def test_gpu_conversion_writes_the_cpu_bytes(tmp_path, wan_t2v):
     convert_to_gguf(source, tmp_path / "cpu.gguf", "Q4_K_M")
     convert_to_gguf(source, tmp_path / "gpu.gguf", "Q4_K_M", device="cuda")
     assert (tmp_path / "cpu.gguf").read_bytes() == (tmp_path / "gpu.gguf").read_bytes()
+
+
+def test_hf_named_gemma_gguf_norms_get_no_offset(tmp_path):
+    """Only llama.cpp's names mean 1 + w norms; our converter keeps HF names and the values as they are."""
+    writer = gguf.GGUFWriter(str(tmp_path / "gemma_hf.gguf"), "gemma2")
+    for name, shape in {"model.embed_tokens.weight": (64, 32), "model.layers.0.self_attn.q_proj.weight": (32, 32),
+                        "model.layers.0.post_feedforward_layernorm.weight": (32,)}.items():
+        writer.add_tensor(name, np.zeros(shape, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    detection = detect_gguf(read_gguf(tmp_path / "gemma_hf.gguf"))
+    assert "HF names" in detection.variant
+    assert detection.value_offset("model.layers.0.post_feedforward_layernorm.weight") == 0.0
