@@ -40,6 +40,8 @@ NEVER_QUANTIZE: dict[str, tuple[str, ...]] = {
              r"^final_layer\.", r"^logvar_linear", r"depth_conv", r"norm"),
     "wan": (r"^patch_embedding", r"^vace_patch_embedding", r"^text_embedding\.", r"^time_embedding\.",
             r"^time_projection\.", r"^img_emb\.", r"^head\.", r"modulation", r"norm"),
+    "videocrafter": (r"^time_embed\.", r"^fps_embedding\.", r"emb_layers\.", r"^image_proj_model\.",
+                     r"^input_blocks\.0\.0\.", r"^out\.", r"norm", r"embeddings_table"),
 }
 COMFY_QUANT_SUFFIX = ".comfy_quant"
 QUANT_METADATA_KEY = "_quantization_metadata"

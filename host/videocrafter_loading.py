@@ -1,8 +1,8 @@
 """One VideoCrafter / DynamiCrafter release file -> MODEL, CLIP, VAE and (I2V) CLIP_VISION, on core classes.
 
-The file is the official Lightning ``model.ckpt`` (read with ``torch.load(weights_only=True)``) or a
-safetensors of the same keys. ``loaders.videocrafter_detect`` splits it by prefix and names the
-release; then:
+The file is the official Lightning ``model.ckpt`` (read with ``torch.load(weights_only=True)``), a
+safetensors of the same keys, or a GGUF of either or of the UNet alone (``host.videocrafter_quant``).
+``loaders.videocrafter_detect`` splits it by prefix and names the release; then:
 
 - MODEL: ``host.videocrafter_model`` (Velox UNet3D + Resampler in a ComfyUI BaseModel);
 - VAE: ``comfy.sd.VAE`` on ``first_stage_model.*`` (SD KL-f8; a narrower demo VAE gets its ddconfig
@@ -29,13 +29,13 @@ import comfy.utils
 import torch
 
 from ..errors import VeloxLoadError
-from ..loaders.checkpoint_files import load_state_dict
 from ..loaders.videocrafter_detect import (
     VideoCrafterVariant,
     detect_variant,
     refuse_foreign,
     split_components,
 )
+from .quant_loading import detection_view, has_quantized_layers, read_weights
 from .videocrafter_model import VideoCrafterModelConfig
 
 SD_VAE_CH = 128  # the released KL-f8 VAE's base width; anything else is built from its shapes
@@ -44,28 +44,67 @@ OPENCLIP_TEXT_PREFIX = "cond_stage_model.model."
 VISION_PREFIX = "embedder.model.visual."
 
 
-def load_videocrafter_checkpoint(path: str | Path, variant: str = "auto", dtype: torch.dtype | None = None):
-    """(MODEL, CLIP | None, VAE | None, CLIP_VISION | None, VideoCrafterVariant) from one release file."""
+def load_videocrafter_checkpoint(path: str | Path, variant: str = "auto", dtype: torch.dtype | None = None,
+                                 quantization: str = "none", quant_compute: str = "dequant"):
+    """(MODEL, CLIP | None, VAE | None, CLIP_VISION | None, VideoCrafterVariant) from one release file.
+
+    GGUF (``host.videocrafter_quant``), scaled-fp8 and comfy_quant files, and ``quantization`` other than
+    "none" (fp8_e4m3 / int8, computed by ``quant_compute`` dequant / lowp) load on ``host/quant_ops.py``.
+    """
+    from .videocrafter_quant import dense_encoders, refuse_foreign_gguf
+
     path = Path(path)
-    state_dict = load_state_dict(path)
-    parts = split_components(state_dict)
-    if "unet" not in parts:
-        refuse_foreign(state_dict, path)
-    found = detect_variant(parts, path, variant)
-    model = build_videocrafter_model(parts, found, path, dtype)
+    refuse_foreign_gguf(path)
+    weights, _ = read_weights(path)
+    model, found = build_videocrafter_unet(weights, path, variant, dtype, quantization, quant_compute)
+    encoders = dense_encoders(weights)
+    parts = split_components(encoders)
     vae = build_vae(parts["vae"], path) if "vae" in parts else None
-    clip = build_clip(state_dict, path) if "text" in parts else None
-    vision = build_clip_vision(state_dict, path) if "vision" in parts else None
+    clip = build_clip(encoders, path) if "text" in parts else None
+    vision = build_clip_vision(encoders, path) if "vision" in parts else None
     logging.info("Velox: %s loaded from %s", found.name, path.name)
     return model, clip, vae, vision, found
 
 
-def build_videocrafter_model(parts: dict, variant: VideoCrafterVariant, path=None,
-                             dtype: torch.dtype | None = None) -> comfy.model_patcher.ModelPatcher:
+def load_videocrafter_unet(path: str | Path, variant: str = "auto", dtype: torch.dtype | None = None,
+                           quantization: str = "none", quant_compute: str = "dequant"):
+    """(MODEL, VideoCrafterVariant) from a UNet-only file or a release file (whose other models are skipped)."""
+    from .videocrafter_quant import refuse_foreign_gguf
+
+    path = Path(path)
+    refuse_foreign_gguf(path)
+    weights, _ = read_weights(path)
+    return build_videocrafter_unet(weights, path, variant, dtype, quantization, quant_compute)
+
+
+def build_videocrafter_unet(weights: dict, path: Path, variant: str = "auto", dtype: torch.dtype | None = None,
+                            quantization: str = "none", quant_compute: str = "dequant"):
+    """(MODEL, VideoCrafterVariant): detection on logical shapes, then the plain or the quantized build."""
+    from .videocrafter_quant import build_quantized_videocrafter
+
+    view, lookup = detection_view(weights)  # packed records -> meta tensors of their logical shapes
+    parts = split_components(view)
+    if "unet" not in parts:
+        refuse_foreign(view, path)
+    found = detect_variant(parts, path, variant)
+    if quantization != "none" or has_quantized_layers(weights):
+        unet = unet_weights(parts, found)
+        return build_quantized_videocrafter(unet, lookup, found, path, dtype, quantization, quant_compute), found
+    return build_videocrafter_model(parts, found, path, dtype), found
+
+
+def unet_weights(parts: dict, variant: VideoCrafterVariant) -> dict:
+    """The diffusion model's state dict: the UNet and, for image-to-video releases, the Resampler."""
     weights = dict(parts["unet"])
     weights.update({f"image_proj_model.{k}": v for k, v in parts.get("image_proj", {}).items()})
     if variant.resampler is None:
         weights = {k: v for k, v in weights.items() if not k.startswith("image_proj_model.")}
+    return weights
+
+
+def build_videocrafter_model(parts: dict, variant: VideoCrafterVariant, path=None,
+                             dtype: torch.dtype | None = None) -> comfy.model_patcher.ModelPatcher:
+    weights = unet_weights(parts, variant)
     load_device = comfy.model_management.get_torch_device()
     offload_device = comfy.model_management.unet_offload_device()
     model_config = VideoCrafterModelConfig(variant)

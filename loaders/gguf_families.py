@@ -66,8 +66,11 @@ FAMILIES: dict[str, GGUFFamily] = {
         # Only the UNet's layers get block types; the VAE, text and image encoders of a release
         # checkpoint stay float under their own prefixes.
         "videocrafter", "videocrafter",
-        keep_float=(r"^(?!model\.diffusion_model\.)", r"time_embed\.", r"fps_embedding\.", r"emb_layers\.",
-                    r"norm", r"input_blocks\.0\.0\.", r"^model\.diffusion_model\.out\.", r"embeddings_table"),
+        # A bare UNet (no prefix: city96's layout, or a UNet saved on its own) quantizes the same way.
+        keep_float=(r"^(first_stage_model|cond_stage_model|embedder|image_proj_model|model_ema)\.",
+                    r"time_embed\.",
+                    r"fps_embedding\.", r"emb_layers\.", r"norm", r"input_blocks\.0\.0\.",
+                    r"^(model\.)?(diffusion_model\.)?out\.", r"embeddings_table"),
         markers=("input_blocks.0.0.weight",),
     ),
     "t5encoder": GGUFFamily(

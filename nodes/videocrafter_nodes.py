@@ -12,6 +12,7 @@ import torch
 from comfy_api.latest import io
 
 from ..host.model_paths import model_choices, resolve_model_choice
+from ..host.quant_inputs import quantization_inputs
 from ..loaders.videocrafter_detect import VARIANTS
 
 CATEGORY = "Velox/VideoCrafter"
@@ -31,25 +32,62 @@ class VideoCrafterLoader(io.ComfyNode):
             "safetensors with the same keys) as MODEL, CLIP (SD2 OpenCLIP ViT-H text), VAE (SD KL-f8) and, for "
             "image-to-video releases, CLIP_VISION (ViT-H). The release is detected from the weights.",
             inputs=[
-                io.Combo.Input("ckpt_name", options=model_choices("checkpoints", lambda _p: False),
+                io.Combo.Input("ckpt_name", options=model_choices("checkpoints", lambda _p: False, (".gguf",)),
                                tooltip="A release file in models/checkpoints (e.g. VideoCrafter2's model.ckpt "
-                               "renamed videocrafter2_t2v.ckpt, dynamicrafter_512.ckpt)."),
+                               "renamed videocrafter2_t2v.ckpt, dynamicrafter_512.ckpt), or a .gguf that "
+                               "scripts/convert_to_gguf.py made of one (UNet quantized, the rest float)."),
                 io.Combo.Input("variant", options=["auto", *VARIANTS], default="auto",
                                tooltip="auto: from the weights; DynamiCrafter 512 / 1024 / interpolation share "
                                "their keys, so the file name decides ('1024', 'interp') unless set here."),
                 io.Combo.Input("weight_dtype", options=list(DTYPES), default="default",
                                tooltip="UNet weight precision; 'default' lets ComfyUI pick for this GPU."),
+                *quantization_inputs(),
             ],
             outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output(), io.ClipVision.Output()],
         )
 
     @classmethod
-    def execute(cls, ckpt_name, variant, weight_dtype) -> io.NodeOutput:
+    def execute(cls, ckpt_name, variant, weight_dtype, quantization="none", quant_compute="dequant") -> io.NodeOutput:
         from ..host.videocrafter_loading import load_videocrafter_checkpoint
 
         path = resolve_model_choice("checkpoints", ckpt_name)
-        model, clip, vae, vision, _ = load_videocrafter_checkpoint(path, variant, DTYPES[weight_dtype])
+        model, clip, vae, vision, _ = load_videocrafter_checkpoint(path, variant, DTYPES[weight_dtype],
+                                                                   quantization, quant_compute)
         return io.NodeOutput(model, clip, vae, vision)
+
+
+class VideoCrafterUNetLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="VeloxVideoCrafterUNetLoader",
+            display_name="Load VideoCrafter / DynamiCrafter UNet (Velox)",
+            category=CATEGORY,
+            description="Loads only the 3D UNet (and, for image-to-video, its image projection) as MODEL: a "
+            "UNet-only file in models/diffusion_models (GGUF, safetensors) or a whole release file whose other "
+            "models are skipped. CLIP, VAE and CLIP_VISION then come from VeloxVideoCrafterLoader on the release "
+            "file, or core's CLIPLoader / VAELoader / CLIPVisionLoader.",
+            inputs=[
+                io.Combo.Input("unet_name", options=model_choices("diffusion_models", lambda _p: False, (".gguf",)),
+                               tooltip="A VideoCrafter / DynamiCrafter UNet in models/diffusion_models (or "
+                               "models/unet): .gguf, .safetensors or a weights-only .ckpt."),
+                io.Combo.Input("variant", options=["auto", *VARIANTS], default="auto",
+                               tooltip="auto: from the weights; DynamiCrafter 512 / 1024 / interpolation share "
+                               "their keys, so the file name decides ('1024', 'interp') unless set here."),
+                io.Combo.Input("weight_dtype", options=list(DTYPES), default="default",
+                               tooltip="UNet weight precision; 'default' lets ComfyUI pick for this GPU."),
+                *quantization_inputs(),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, unet_name, variant, weight_dtype, quantization="none", quant_compute="dequant") -> io.NodeOutput:
+        from ..host.videocrafter_loading import load_videocrafter_unet
+
+        path = resolve_model_choice("diffusion_models", unet_name)
+        model, _ = load_videocrafter_unet(path, variant, DTYPES[weight_dtype], quantization, quant_compute)
+        return io.NodeOutput(model)
 
 
 class EmptyVideoCrafterLatent(io.ComfyNode):
@@ -269,4 +307,4 @@ class VideoCrafterSigmas(io.ComfyNode):
 
 
 VIDEOCRAFTER_NODES = [VideoCrafterLoader, EmptyVideoCrafterLatent, DynamiCrafterConditioning, VideoCrafterSampler,
-                      VideoCrafterDecode, VideoCrafterDDIM, VideoCrafterSigmas]
+                      VideoCrafterDecode, VideoCrafterDDIM, VideoCrafterSigmas, VideoCrafterUNetLoader]

@@ -167,6 +167,18 @@ def test_tiny_dynamicrafter_release_file_quantizes_only_unet_matrices(tmp_path):
     assert detection.detail.name == detect_variant(split_components(state_dict)).name == "DynamiCrafter 512"
 
 
+def test_bare_videocrafter_unet_quantizes_its_matrices(tmp_path):
+    """A UNet saved on its own (no ``model.diffusion_model.`` prefix) gets block types like a release file."""
+    from velox.tiny.videocrafter import demo_release_state_dict
+
+    prefix = "model.diffusion_model."
+    state_dict = {k[len(prefix):]: v for k, v in demo_release_state_dict("vc2").items() if k.startswith(prefix)}
+    save_file(state_dict, str(tmp_path / "vc2_unet.safetensors"))
+    report = convert_to_gguf(tmp_path / "vc2_unet.safetensors", tmp_path / "vc2_unet.gguf", "Q8_0")
+    quantized = [c.name for c in report.tensors if c.qtype == Q.Q8_0]
+    assert quantized and not any("time_embed" in n or n.startswith("out.") for n in quantized)
+
+
 def test_groups_are_read_one_at_a_time_and_each_tensor_once(tmp_path, sana_pe, monkeypatch):
     config, state_dict = sana_pe
     folder = tiny_sana.write_diffusers_folder(tmp_path / "sana_diffusers", config, state_dict)

@@ -1,0 +1,79 @@
+"""VideoCrafter / DynamiCrafter UNets on ``quant_ops``: GGUF files, ComfyUI scaled-fp8 / comfy_quant files,
+or float files quantized at load (``quantization`` fp8_e4m3 / int8), computed by ``dequant`` or ``lowp``.
+
+Two GGUF layouts load:
+
+- what ``loaders/gguf_convert.py`` writes from a release file: every key under its lvdm prefix, the
+  UNet's Linear weights in block types and the VAE / OpenCLIP text / vision / Resampler in float, so
+  one ``.gguf`` still yields MODEL, CLIP, VAE and CLIP_VISION;
+- a UNet alone (keys bare or under ``model.diffusion_model.`` / ``diffusion_model.``), city96's
+  "UNet only" pattern: MODEL alone, the rest from the release file or core's loaders.
+
+The build follows ``videocrafter_loading.build_videocrafter_model`` with the changes of
+``quant_models`` (Sana, Wan): detection reads ``detection_view``'s logical shapes, the packed records
+go back under the UNet's names (renames only) and the model gets our ``operations``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import comfy.model_patcher
+import torch
+
+from ..errors import VeloxLoadError
+from ..loaders.gguf_detect import ARCHITECTURES
+from ..loaders.videocrafter_detect import EXPECTED, PREFIXES, VideoCrafterVariant
+from .quant_loading import NEVER_QUANTIZE, Weights, densify_non_matrices, is_gguf, restore_packed
+from .quant_models import _describe, _devices, _inference_dtypes, _load_checked
+from .quant_ops import make_quant_operations
+from .quant_tensor import PackedWeight
+from .videocrafter_model import VideoCrafterModelConfig
+
+FAMILY = "videocrafter"
+ENCODER_PREFIXES = tuple(PREFIXES[c] for c in ("vae", "text", "vision"))  # built by core, never packed
+
+
+def build_quantized_videocrafter(unet: Mapping[str, torch.Tensor], lookup, variant: VideoCrafterVariant,
+                                 path: str | Path | None = None, dtype: torch.dtype | None = None,
+                                 quantization: str = "none", compute: str = "dequant"
+                                 ) -> comfy.model_patcher.ModelPatcher:
+    """The UNet (+ Resampler) as a ComfyUI MODEL on quantized operations.
+
+    unet: ``videocrafter_loading.unet_weights`` of the detection view (meta proxies for packed
+    weights); lookup: ``detection_view``'s, to put the packed records back.
+    """
+    state_dict = densify_non_matrices(restore_packed(unet, lookup, path))
+    load_device, offload_device = _devices()
+    model_config = VideoCrafterModelConfig(variant)
+    dtype = _inference_dtypes(model_config, unet, dtype, load_device)
+    model_config.custom_operations = make_quant_operations(quantization, compute, NEVER_QUANTIZE[FAMILY])
+    model = model_config.get_model(state_dict, device=offload_device)
+    _load_checked(model.diffusion_model, state_dict, path, variant.name)
+    logging.info("Velox: %s UNet loaded from %s (%s; %s)", variant.name, path, dtype,
+                 _describe(quantization, compute, state_dict))
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+
+
+def dense_encoders(weights: Weights) -> dict[str, torch.Tensor]:
+    """The VAE / text / vision tensors, any packed one dequantized (fp32): core's classes take floats.
+    Our converter keeps them float; another writer may not."""
+    return {k: v.dequantize(torch.float32) if isinstance(v, PackedWeight) else v
+            for k, v in weights.items() if k.startswith(ENCODER_PREFIXES)}
+
+
+def refuse_foreign_gguf(path: str | Path) -> None:
+    """A GGUF whose ``general.architecture`` names another family Velox knows: refused by name, before
+    any shape is read (a Wan or Sana file, a text encoder)."""
+    if not is_gguf(path):
+        return
+    from ..loaders.gguf_reader import read_gguf
+
+    architecture = read_gguf(path).architecture
+    family = ARCHITECTURES.get(architecture or "")
+    if family is not None and family != FAMILY:
+        raise VeloxLoadError(path, f"this GGUF holds a {family} model (general.architecture {architecture!r}), "
+                             "not a VideoCrafter / DynamiCrafter UNet; use its own Velox loader",
+                             "a GGUF converted from " + EXPECTED)
