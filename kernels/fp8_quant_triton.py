@@ -43,7 +43,8 @@ if AVAILABLE:
         tl.store(scale_ptr + row, scale)
         for start in range(0, K, BLOCK):
             k = start + tl.arange(0, BLOCK)
-            scaled = tl.load(x_ptr + row * stride_x + k, mask=k < K, other=0.0).to(tl.float32) / scale
+            # div_rn: IEEE division, as PyTorch divides (Triton's default `/` is approximate on GPUs)
+            scaled = tl.math.div_rn(tl.load(x_ptr + row * stride_x + k, mask=k < K, other=0.0).to(tl.float32), scale)
             clamped = tl.minimum(tl.maximum(scaled, -_FP8_MAX), _FP8_MAX)
             tl.store(q_ptr + row * stride_q + k, clamped.to(tl.float8e4nv), mask=k < K)
 

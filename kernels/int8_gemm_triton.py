@@ -61,7 +61,8 @@ if AVAILABLE:
         tl.store(scale_ptr + row, scale)
         for start in range(0, K, BLOCK_K):
             k = start + tl.arange(0, BLOCK_K)
-            scaled = tl.load(x_ptr + row * stride_x + k, mask=k < K, other=0.0).to(tl.float32) / scale
+            # div_rn: IEEE division, as PyTorch divides (Triton's default `/` is approximate on GPUs)
+            scaled = tl.math.div_rn(tl.load(x_ptr + row * stride_x + k, mask=k < K, other=0.0).to(tl.float32), scale)
             rounded = tl.where(scaled >= 0, scaled + 0.5, scaled - 0.5).to(tl.int32)
             clamped = tl.minimum(tl.maximum(rounded, -127), 127)
             tl.store(q_ptr + row * stride_q + k, clamped.to(tl.int8), mask=k < K)

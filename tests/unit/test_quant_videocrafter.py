@@ -307,11 +307,13 @@ def test_gguf_unet_on_the_gpu_matches_the_cpu(converted):
         want = _unet_output(model)
         unet = model.model.diffusion_model.to("cuda")
         args, kwargs = _unet_inputs(model.model.velox_variant, "cuda")
-        matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
+        # fp32 on the GPU means no TF32, in matmuls and in cuDNN's convolutions (on by default there;
+        # with it the H100 measured 1.0e-3)
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         try:
             with torch.no_grad():
                 got = unet(*args, **kwargs)
         finally:
-            torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
         assert _relative(got.cpu(), want) <= 1e-4, kind
