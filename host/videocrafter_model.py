@@ -85,7 +85,9 @@ class VideoCrafterModel(comfy.model_base.BaseModel):
         return self.model_config.velox_variant
 
     def get_dtype(self):
-        return next(self.diffusion_model.parameters()).dtype
+        """The UNet's compute dtype; packed weights (GGUF bytes, fp8, int8) do not count."""
+        floats = (p.dtype for p in self.diffusion_model.parameters() if p.is_floating_point() and p.element_size() > 1)
+        return next(floats, torch.float32)
 
     def extra_conds(self, **kwargs):
         """For core samplers: the I2V image latent (raw, from the conditioning node) repeated over the
