@@ -45,35 +45,6 @@ if AVAILABLE:
     _K_BLOCK_BYTES = tl.constexpr(Q4_K_BYTES)
 
     @triton.jit
-    def _q8_0_gemm_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-        tiles_n = (N + BLOCK_N - 1) // BLOCK_N
-        tile_m = tl.program_id(0) // tiles_n
-        tile_n = tl.program_id(0) % tiles_n
-        rows = (tile_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        cols = (tile_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-        for start in range(0, K, BLOCK_K):
-            k = start + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :],
-                        mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0)
-            wmask = (k[:, None] < K) & (cols[None, :] < N)
-            block_base = cols[None, :] * stride_wn + (k[:, None] // _BLOCK) * _BLOCK_BYTES  # (BLOCK_K, BLOCK_N)
-            lo = tl.load(w_ptr + block_base, mask=wmask, other=0).to(tl.int32)
-            hi = tl.load(w_ptr + block_base + 1, mask=wmask, other=0).to(tl.int32)
-            d = (lo | (hi << 8)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            q = tl.load(w_ptr + block_base + 2 + k[:, None] % _BLOCK, mask=wmask, other=0)
-            q = q.to(tl.int8, bitcast=True).to(tl.float32)
-            w = (d * q).to(x.dtype)
-            acc += tl.dot(x, w, out_dtype=tl.float32, input_precision=PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        mask = (rows[:, None] < M) & (cols[None, :] < N)
-        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-    @triton.jit
     def _byte(w_ptr, offset, mask):
         return tl.load(w_ptr + offset, mask=mask, other=0).to(tl.int32)
 
@@ -101,9 +72,18 @@ if AVAILABLE:
         return d * q.to(tl.float32) - dm
 
     @triton.jit
-    def _q4_k_gemm_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    def _q8_0_tile(w_ptr, cols, k, stride_wn, N, K):
+        """The (BLOCK_K, BLOCK_N) fp32 weights W[cols, k].T of Q8_0 rows: ``d * q`` per 32-weight block."""
+        mask = (k[:, None] < K) & (cols[None, :] < N)
+        base = cols[None, :] * stride_wn + (k[:, None] // _BLOCK) * _BLOCK_BYTES
+        q = tl.load(w_ptr + base + 2 + k[:, None] % _BLOCK, mask=mask, other=0)
+        return _f16(w_ptr, base, mask) * q.to(tl.int8, bitcast=True).to(tl.float32)
+
+    @triton.jit
+    def _gemm_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, Q4K: tl.constexpr):
+        """out = x @ dequant(W).T (+ bias) for Q8_0 rows, or Q4_K rows when ``Q4K`` (a compile-time pick)."""
         tiles_n = (N + BLOCK_N - 1) // BLOCK_N
         tile_m = tl.program_id(0) // tiles_n
         tile_n = tl.program_id(0) % tiles_n
@@ -114,7 +94,10 @@ if AVAILABLE:
             k = start + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :],
                         mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0)
-            w = _q4_k_tile(w_ptr, cols, k, stride_wn, N, K).to(x.dtype)
+            if Q4K:
+                w = _q4_k_tile(w_ptr, cols, k, stride_wn, N, K).to(x.dtype)
+            else:
+                w = _q8_0_tile(w_ptr, cols, k, stride_wn, N, K).to(x.dtype)
             acc += tl.dot(x, w, out_dtype=tl.float32, input_precision=PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
@@ -128,7 +111,7 @@ def q8_0_linear_triton(x: torch.Tensor, blocks: torch.Tensor, shape: tuple[int, 
 
     x: (..., K) fp32 / fp16 / bf16; blocks: (N, K / 32 * 34) uint8 Q8_0 rows; shape: (N, K).
     """
-    return _launch(_q8_0_gemm_kernel, x, blocks, shape, bias)
+    return _launch(x, blocks, shape, bias, q4_k=False)
 
 
 def q4_k_linear_triton(x: torch.Tensor, blocks: torch.Tensor, shape: tuple[int, int],
@@ -137,22 +120,23 @@ def q4_k_linear_triton(x: torch.Tensor, blocks: torch.Tensor, shape: tuple[int, 
 
     x: (..., K); blocks: (N, K / 256 * 144) uint8 Q4_K rows; shape: (N, K).
     """
-    return _launch(_q4_k_gemm_kernel, x, blocks, shape, bias)
+    return _launch(x, blocks, shape, bias, q4_k=True)
 
 
 FUSED_LINEARS = {Q8_0: q8_0_linear_triton, Q4_K: q4_k_linear_triton}
 
 
-def _launch(kernel, x: torch.Tensor, blocks: torch.Tensor, shape: tuple[int, int], bias: torch.Tensor | None):
+def _launch(x: torch.Tensor, blocks: torch.Tensor, shape: tuple[int, int], bias: torch.Tensor | None,
+            q4_k: bool):
     N, K = shape
     rows = x.reshape(-1, K).contiguous()
     blocks = blocks.reshape(N, -1).contiguous()
     out = torch.empty((rows.shape[0], N), dtype=x.dtype, device=x.device)
     block_m, block_n, block_k, warps, stages = INTERPRET_CONFIG if INTERPRETED else CONFIG
     grid = (triton.cdiv(rows.shape[0], block_m) * triton.cdiv(N, block_n),)
-    kernel[grid](rows, blocks, bias if bias is not None else out, out, rows.shape[0], N, K,
+    _gemm_kernel[grid](rows, blocks, bias if bias is not None else out, out, rows.shape[0], N, K,
                  rows.stride(0), blocks.stride(0), out.stride(0), HAS_BIAS=bias is not None,
                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                  PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps,
-                 num_stages=stages, enable_fp_fusion=False)
+                 Q4K=q4_k, num_stages=stages, enable_fp_fusion=False)
     return out.reshape(*x.shape[:-1], N)
