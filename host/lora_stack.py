@@ -9,7 +9,8 @@ Per LoRA, in stack order:
 5. ordinary weights: ``ModelPatcher.add_patches(patches, strength)``, exactly what core's
    ``LoraLoaderModelOnly`` does, so a stack equals the chain of core nodes bit for bit;
    quantized layers (modules with a ``velox_lowrank`` attribute): a ``LowRankSide`` attached as an
-   object patch, the LoRA never merged into the packed weight;
+   object patch, the LoRA never merged into the packed weight; parameters that core's loader never
+   patches (those of non-leaf modules, e.g. Wan's ``blocks.N.modulation``): an ON_LOAD callback;
 6. keys that match nothing are counted and named in the log and in the returned report.
 """
 
@@ -46,6 +47,7 @@ from .lowrank import LowRankSide
 
 UNET_PREFIX = "diffusion_model."
 LOWRANK_ATTRIBUTE = "velox_lowrank"
+NONLEAF_CALLBACK = "velox_nonleaf_patches"
 _FILE_CACHE: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
 FILE_CACHE_SIZE = 4  # Wan reward LoRAs are ~0.85 GB each
 
@@ -226,6 +228,8 @@ def apply_lora_to_model(patcher, lora: Mapping[str, torch.Tensor], strength: flo
         else:
             merged[core_key] = adapter
     report.merged = len(patcher.add_patches(merged, strength))
+    if any(isinstance(k, str) and is_nonleaf_parameter(patcher.model, k) for k in merged):
+        _ensure_nonleaf_patching(patcher)
     for key, term in sides.items():
         _attach_side(patcher, key[: -len(".weight")], term)
     report.unmerged = len(sides)
@@ -233,6 +237,34 @@ def apply_lora_to_model(patcher, lora: Mapping[str, torch.Tensor], strength: flo
         report.notes.append(f"{len(resolved.text_encoder)} text-encoder key(s): applied only where a CLIP is "
                             "connected")
     return report
+
+
+def is_nonleaf_parameter(model, key: str) -> bool:
+    """A parameter whose module also has sub-modules with parameters (Wan's ``blocks.N.modulation``,
+    ``head.modulation``; Sana's ``scale_shift_table``). ``ModelPatcher.load`` (ComfyUI 0.3.75,
+    ``_load_list``: "skip random weights in non leaf modules") never applies patches to these, so a
+    ``diff`` on them would be dropped without a word."""
+    module_path, _, name = key.rpartition(".")
+    try:
+        owner = comfy.utils.get_attr(model, module_path) if module_path else model
+    except AttributeError:
+        return False
+    own = {n for n, _ in owner.named_parameters(recurse=False)}
+    return name in own and any(n not in own for n, _ in owner.named_parameters(recurse=True))
+
+
+def _ensure_nonleaf_patching(patcher) -> None:
+    if NONLEAF_CALLBACK not in patcher.callbacks.get(CallbacksMP.ON_LOAD, {}):
+        patcher.add_callback_with_key(CallbacksMP.ON_LOAD, NONLEAF_CALLBACK, patch_nonleaf_parameters)
+
+
+def patch_nonleaf_parameters(patcher, *load_args) -> None:
+    """ON_LOAD: apply the patches core's loader skipped, with core's own ``patch_weight_to_device``
+    (fp32 maths, stochastic rounding, a backup that ``unpatch_model`` restores). A key already in the
+    backup is already patched: a second load (partial loads) must not add the diff twice."""
+    for key in list(patcher.patches):
+        if key not in patcher.backup and is_nonleaf_parameter(patcher.model, key):
+            patcher.patch_weight_to_device(key)  # on the parameter's own device: these are small
 
 
 def _attach_side(patcher, module_path: str, term) -> None:

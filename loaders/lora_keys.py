@@ -46,6 +46,11 @@ LORA_SUFFIXES: tuple[str, ...] = tuple(sorted((
     "diff", "diff_b", "set_weight", "w_norm", "b_norm",  # full and bias diffs
 ), key=len, reverse=True))
 UNDERSCORE_SUFFIXES = ("_lora.up.weight", "_lora.down.weight")  # old diffusers: ``to_q_lora.up.weight``
+# Suffixes that name a parameter beside the module rather than the module's own weight:
+# suffix -> (parameter appended to the module name, core adapter suffix). LightX2V's distill LoRAs
+# store ``blocks.N.diff_m``, a full diff of Wan's ``blocks.N.modulation`` (core 0.3.75 drops these:
+# Comfy-Org/ComfyUI#8922, kijai/ComfyUI-WanVideoWrapper#807).
+PARAMETER_SUFFIXES: dict[str, tuple[str, str]] = {"diff_m": ("modulation", "diff")}
 
 # Module-name prefixes, stripped before lookup: (prefix, dialect uses "_" for ".")
 MODULE_PREFIXES: tuple[tuple[str, bool], ...] = (
@@ -100,6 +105,9 @@ def split_lora_key(key: str) -> tuple[str, str] | None:
     for suffix in UNDERSCORE_SUFFIXES:
         if key.endswith(suffix):
             return key[: -len(suffix)], suffix[1:]
+    for suffix, (parameter, adapter_suffix) in PARAMETER_SUFFIXES.items():
+        if key.endswith("." + suffix):
+            return f"{key[: -len(suffix) - 1]}.{parameter}", adapter_suffix
     for suffix in LORA_SUFFIXES:
         if key.endswith("." + suffix):
             return key[: -len(suffix) - 1], suffix

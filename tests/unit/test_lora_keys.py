@@ -37,6 +37,7 @@ LVDM_SHAPES = {"diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q
     ("lycoris_blocks_0_ffn_0.hada_w1_a", ("lycoris_blocks_0_ffn_0", "hada_w1_a")),
     ("diffusion_model.blocks.0.self_attn.q.diff_b", ("diffusion_model.blocks.0.self_attn.q", "diff_b")),
     ("unet.down.to_q_lora.up.weight", ("unet.down.to_q", "lora.up.weight")),
+    ("diffusion_model.blocks.3.diff_m", ("diffusion_model.blocks.3.modulation", "diff")),  # LightX2V
     ("blocks.0.self_attn.q.some_unknown", None),
 ])
 def test_split_lora_key_finds_the_adapter_suffix(key, expected):

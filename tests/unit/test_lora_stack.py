@@ -162,6 +162,39 @@ def test_loha_lokr_and_diffs_go_through_cores_adapters(wan_model, tmp_path, pref
         assert torch.allclose(got, 0.5 * want, rtol=1e-5, atol=1e-7), key
 
 
+def test_lightx2v_distill_lora_layout_applies_every_key_including_modulation_diffs(wan_model, tmp_path):
+    """LightX2V's step-distill LoRAs: rank-64 ``lora_down/up`` + ``alpha``, ``diff_b`` biases, ``diff``
+    norms and ``blocks.N.diff_m`` (Wan's ``modulation``, which core 0.3.75 leaves unloaded:
+    Comfy-Org/ComfyUI#8922). Every key lands; each delta is the file's tensor times the strength."""
+    state = wan_model.model.diffusion_model.state_dict()
+    generator = torch.Generator().manual_seed(5)
+    r = lambda shape: torch.randn(*shape, generator=generator) * 0.05  # noqa: E731
+    factors = random_lora_factors(weight_shapes(wan_model, ["blocks.0.self_attn.q", "blocks.1.ffn.0"]), 4, 4.0, seed=6)
+    tensors = lora_state_dict(factors, "official")
+    diffs = {"blocks.0.self_attn.q.bias": "blocks.0.self_attn.q.diff_b", "blocks.1.ffn.0.bias": "blocks.1.ffn.0.diff_b",
+             "blocks.0.cross_attn.norm_k.weight": "blocks.0.cross_attn.norm_k.diff",
+             "blocks.0.modulation": "blocks.0.diff_m", "blocks.1.modulation": "blocks.1.diff_m",
+             "head.modulation": "head.diff_m"}
+    tensors.update({f"diffusion_model.{name}": r(state[key].shape) for key, name in diffs.items()})
+    model, (report,) = apply(wan_model, (write(tmp_path, "lightx2v.safetensors", tensors), 0.75))
+    assert report.unmatched == [] and report.merged == 2 + len(diffs)
+    assert_deltas(model, {m: 0.75 * f.delta() for m, f in factors.items()})
+    for key, name in diffs.items():
+        got = patch_delta(model, f"diffusion_model.{key}")
+        assert torch.allclose(got, 0.75 * tensors[f"diffusion_model.{name}"], rtol=1e-6, atol=0), key
+    # core's loader skips parameters of non-leaf modules; our ON_LOAD callback patches them, once
+    before = state["blocks.0.modulation"].float().clone()
+    want = before + 0.75 * tensors["diffusion_model.blocks.0.diff_m"]
+    after = loaded_weights(model)["blocks.0.modulation"].float()
+    assert ((after - want).norm() / want.norm()).item() < 1e-2  # bf16 storage, stochastic rounding
+    model.patch_model(device_to=torch.device("cpu"))
+    model.load(torch.device("cpu"), force_patch_weights=True)  # a second load (partial loads do this)
+    twice = model.model.diffusion_model.blocks[0].modulation.detach().float().clone()
+    model.unpatch_model(device_to=torch.device("cpu"))
+    assert torch.equal(twice, after)
+    assert torch.equal(wan_model.model.diffusion_model.blocks[0].modulation.detach().float(), before)
+
+
 # ----------------------------------------------------------------------------------------------
 # parity with core's chained LoraLoaderModelOnly
 # ----------------------------------------------------------------------------------------------
