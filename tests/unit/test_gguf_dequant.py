@@ -245,3 +245,31 @@ def test_triton_and_twin_are_bit_exact_on_cuda_at_a_real_shape(qtype):
         torch.cuda.synchronize()
         timings[name] = (time.perf_counter() - start) / 10
     print(f"{qtype.name}: triton {timings['triton'] * 1e3:.3f} ms, torch {timings['torch'] * 1e3:.3f} ms")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_K, Q.Q6_K, Q.Q4_0, Q.IQ4_XS], ids=lambda t: t.name)
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
+def test_direct_launch_repeats_tritons_launch_bit_for_bit(qtype, aligned):
+    """The second call for a key takes ``DirectLaunch`` (registered only once it matched); a source at
+    an odd address is its own key, since Triton specializes kernels on pointer alignment."""
+    from velox.kernels import gguf_dequant_triton as kernels
+
+    if not kernels.AVAILABLE:
+        pytest.skip("Triton is not installed")
+    shape = (96, 2304)
+    raw = blocks_for(qtype, shape, "random")
+    source = torch.from_numpy(raw).cuda().reshape(-1)
+    if not aligned:  # the same bytes one past a 16-byte boundary
+        buffer = torch.empty(source.numel() + 1, dtype=torch.uint8, device="cuda")
+        buffer[1:].copy_(source)
+        source = buffer[1:]
+    expected = reference(raw, qtype).cuda().to(torch.bfloat16)
+    key = (int(qtype), torch.bfloat16, shape, source.device, aligned)
+    kernels._DIRECT_LAUNCHES.pop(key, None)
+    first = kernels.dequantize_triton(source, qtype, shape, torch.bfloat16)
+    assert isinstance(kernels._DIRECT_LAUNCHES.get(key), kernels.DirectLaunch)
+    for _ in range(3):
+        assert torch.equal(kernels.dequantize_triton(source, qtype, shape, torch.bfloat16), expected)
+    assert torch.equal(first, expected)
