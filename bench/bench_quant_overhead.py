@@ -89,7 +89,13 @@ def paths(tokens: int, out_features: int, in_features: int) -> dict:
         with mock.patch.object(gguf_dequant, "uses_triton", lambda device: False):
             return q8(x)
 
+    packed, plain = q8.weight, q8.weight.data
     return {
+        "quant_ops Linear, Q8_0, _packed_forward only": lambda: q8._packed_forward(x),
+        "dequantize_triton(Parameter) + F.linear": lambda: F.linear(
+            x, dequantize_triton(packed, 8, shape, torch.bfloat16), bias),
+        "dequantize_triton(plain tensor) + F.linear": lambda: F.linear(
+            x, dequantize_triton(plain, 8, shape, torch.bfloat16), bias),
         "F.linear bf16": lambda: F.linear(x, weight, bias),
         "quant_ops Linear, dense weight": lambda: dense(x),
         "quant_ops Linear, Q8_0": lambda: q8(x),
