@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .triton_launch import DirectLaunch
+
 try:
     import triton
     import triton.language as tl
@@ -33,12 +35,34 @@ if AVAILABLE:
 
 
 def dequantize_rows_triton(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(N, K) fp8 e4m3 or int8 codes, (N,) fp32 scales -> (N, K) ``dtype``."""
+    """(N, K) fp8 e4m3 or int8 codes, (N,) fp32 scales -> (N, K) ``dtype``.
+
+    A repeat call for a key already seen (codes dtype, output dtype, shape, device, alignment of both
+    sources) launches the compiled kernel directly (``kernels/triton_launch.py``)."""
     q = q.contiguous()
+    scale = scale.to(device=q.device, dtype=torch.float32).contiguous()
+    key = (q.dtype, dtype, tuple(q.shape), q.device, q.data_ptr() % 16 == 0, scale.data_ptr() % 16 == 0)
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
     numel = q.numel()
     K = q.shape[-1] if q.ndim else 1
+    direct = _DIRECT_LAUNCHES.get(key)
+    if direct is not None:
+        direct(q, scale, out, numel, K, BLOCK)
+        return out
     grid = (triton.cdiv(numel, BLOCK),)
-    _dequantize_rows_kernel[grid](q, scale.to(device=q.device, dtype=torch.float32).contiguous(), out, numel, K,
-                                  BLOCK=BLOCK, enable_fp_fusion=False)
+    kernel = _dequantize_rows_kernel[grid](q, scale, out, numel, K, BLOCK=BLOCK, enable_fp_fusion=False)
+    if key not in _DIRECT_LAUNCHES:
+        launch = DirectLaunch.of(kernel, (grid[0], 1, 1), q.device)
+        again = lambda: _launched(launch, q, scale, out, numel, K)  # noqa: E731
+        _DIRECT_LAUNCHES[key] = launch if launch is not None and launch.reproduces(again, out) else None
     return out
+
+
+def _launched(launch: DirectLaunch, q, scale, like: torch.Tensor, numel: int, K: int) -> torch.Tensor:
+    out = torch.empty_like(like)
+    launch(q, scale, out, numel, K, BLOCK)
+    return out
+
+
+# (codes dtype, output dtype, shape, device, codes aligned, scales aligned) -> DirectLaunch or None
+_DIRECT_LAUNCHES: dict[tuple, DirectLaunch | None] = {}

@@ -16,6 +16,7 @@ from gguf import GGMLQuantizationType
 
 from .gguf_dequant_torch import as_blocks, iq4_code_book
 from .gguf_types import block_layout
+from .triton_launch import DirectLaunch
 
 try:
     import triton
@@ -243,7 +244,7 @@ def dequantize_triton(data: torch.Tensor, qtype: int, shape: tuple[int, ...],
         return direct(data)
     out, launched = _dequantize_through_triton(data, qtype, shape, dtype, where)
     if key not in _DIRECT_LAUNCHES and launched is not None:
-        _DIRECT_LAUNCHES[key] = DirectLaunch.verified(*launched, data, out)
+        _DIRECT_LAUNCHES[key] = DequantizeLaunch.verified(*launched, data, out)
     return out
 
 
@@ -275,58 +276,33 @@ def _dequantize_through_triton(data, qtype, shape, dtype, where):
     return out, (kernel, grid, (lut, n_blocks, tile, bf16_out))
 
 
-class DirectLaunch:
-    """One compiled dequantization kernel launched without Triton's per-call argument binding.
+class DequantizeLaunch:
+    """The repeat-call form of one ``(type, dtype, shape, device, alignment)``: allocate the output,
+    launch the kernel Triton compiled for that key directly (``kernels/triton_launch.py``: a
+    Sana-1.6B Q8_0 layer spent 52 us of host time in Triton's launcher for a 5.6 us kernel)."""
 
-    Why: a Sana-1.6B forward at 1024² is launch-bound, and Triton's launcher (binding, specializing
-    and hashing the arguments to find the compiled kernel) cost more host time per Q8_0 layer than
-    the kernel's GPU time (H100: 52 us host, 5.6 us GPU; bench/bench_quant_overhead.py). The kernel
-    is the one Triton compiled for this exact key (type, dtype, shape, device, source alignment),
-    so its specialization holds; it is kept only after it reproduced Triton's launch bit for bit.
-    """
+    __slots__ = ("launch", "static", "shape", "dtype", "bf16", "nbytes")
 
-    __slots__ = ("kernel", "grid", "static", "shape", "dtype", "bf16", "nbytes", "device_index")
-
-    def __init__(self, kernel, grid: int, static: tuple, out: torch.Tensor, nbytes: int):
-        self.kernel, self.grid, self.static = kernel, grid, static
+    def __init__(self, launch: DirectLaunch, static: tuple, out: torch.Tensor, nbytes: int):
+        self.launch, self.static, self.nbytes = launch, static, nbytes
         self.shape, self.dtype, self.bf16 = tuple(out.shape), out.dtype, out.dtype == torch.bfloat16
-        self.nbytes, self.device_index = nbytes, out.device.index
 
     @classmethod
-    def verified(cls, kernel, grid, static, data, out) -> DirectLaunch | None:
-        if _KNOBS is None or not all(hasattr(kernel, name) for name in ("run", "function", "packed_metadata")):
-            return None  # the interpreter, or a Triton without this launch interface
-        launch = cls(kernel, grid, static, out, data.numel())
-        try:
-            again = launch(data)
-            same = torch.equal(_bits(again), _bits(out))
-        except Exception:  # any mismatch in Triton's internal interface: keep the checked path
+    def verified(cls, kernel, grid: int, static: tuple, data: torch.Tensor, out: torch.Tensor):
+        launch = DirectLaunch.of(kernel, (grid, 1, 1), out.device)
+        if launch is None:
             return None
-        return launch if same else None
+        candidate = cls(launch, static, out, data.numel())
+        return candidate if launch.reproduces(lambda: candidate(data), out) else None
 
     def accepts(self, data: torch.Tensor) -> bool:
         return data.dtype == torch.uint8 and data.numel() == self.nbytes and data.is_contiguous()
 
     def __call__(self, data: torch.Tensor) -> torch.Tensor:
         out = torch.empty(self.shape, dtype=self.dtype, device=data.device)
-        args = (data, out.view(torch.int16) if self.bf16 else out, *self.static)
-        kernel = self.kernel
-        stream = triton.runtime.driver.active.get_current_stream(self.device_index)
-        hooks = _KNOBS.runtime
-        kernel.run(self.grid, 1, 1, stream, kernel.function, kernel.packed_metadata,
-                   kernel.launch_metadata((self.grid, 1, 1), stream, *args),
-                   hooks.launch_enter_hook, hooks.launch_exit_hook, *args)
+        self.launch(data, out.view(torch.int16) if self.bf16 else out, *self.static)
         return out
 
 
-def _bits(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()])
-
-
-try:
-    from triton import knobs as _KNOBS
-except ImportError:  # Triton before 3.4: Triton's own launcher every call
-    _KNOBS = None
-
-# (type, dtype, shape, device, source 16-byte aligned) -> its DirectLaunch, or None (Triton's launcher)
-_DIRECT_LAUNCHES: dict[tuple, DirectLaunch | None] = {}
+# (type, dtype, shape, device, source 16-byte aligned) -> its DequantizeLaunch, or None (Triton's launcher)
+_DIRECT_LAUNCHES: dict[tuple, DequantizeLaunch | None] = {}

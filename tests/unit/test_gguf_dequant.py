@@ -252,7 +252,7 @@ def test_triton_and_twin_are_bit_exact_on_cuda_at_a_real_shape(qtype):
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_K, Q.Q6_K, Q.Q4_0, Q.IQ4_XS], ids=lambda t: t.name)
 @pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
 def test_direct_launch_repeats_tritons_launch_bit_for_bit(qtype, aligned):
-    """The second call for a key takes ``DirectLaunch`` (registered only once it matched); a source at
+    """The second call for a key takes ``DequantizeLaunch`` (registered only once it matched); a source at
     an odd address is its own key, since Triton specializes kernels on pointer alignment."""
     from velox.kernels import gguf_dequant_triton as kernels
 
@@ -269,7 +269,7 @@ def test_direct_launch_repeats_tritons_launch_bit_for_bit(qtype, aligned):
     key = (int(qtype), torch.bfloat16, shape, source.device, aligned)
     kernels._DIRECT_LAUNCHES.pop(key, None)
     first = kernels.dequantize_triton(source, qtype, shape, torch.bfloat16)
-    assert isinstance(kernels._DIRECT_LAUNCHES.get(key), kernels.DirectLaunch)
+    assert isinstance(kernels._DIRECT_LAUNCHES.get(key), kernels.DequantizeLaunch)
     for _ in range(3):
         assert torch.equal(kernels.dequantize_triton(source, qtype, shape, torch.bfloat16), expected)
     assert torch.equal(first, expected)

@@ -267,8 +267,13 @@ def test_fp8_triton_row_quantization_on_gpu_equals_twin():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("quantize", [quantize_fp8_rows, quantize_int8_rows], ids=["fp8", "int8"])
 def test_triton_row_dequantization_on_gpu_is_bit_exact_with_twin(quantize):
+    from velox.kernels import fp8_int8_dequant_triton as kernels
     from velox.kernels.fp8_int8_dequant_triton import dequantize_rows_triton
+    from velox.kernels.triton_launch import DirectLaunch
 
     q, scale = quantize(operands(1, 1037, 5120, seed=11)[1].cuda())
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        assert torch.equal(dequantize_rows_triton(q, scale, dtype), dequantize_rows(q, scale, dtype))
+        for _ in range(3):  # the first through Triton's launcher, the repeats launched directly
+            assert torch.equal(dequantize_rows_triton(q, scale, dtype), dequantize_rows(q, scale, dtype))
+        key = (q.dtype, dtype, tuple(q.shape), q.device, True, True)
+        assert isinstance(kernels._DIRECT_LAUNCHES.get(key), DirectLaunch)
