@@ -63,7 +63,17 @@ def quantized_paths(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -
         "fp8_dequant_torch_ops": (lambda: F.linear(x, dequantize_rows(fp8_w, fp8_s, x.dtype), bias), fp8_w.numel()),
     }
     if scaled_mm_supported(x.device, in_features, out_features):
-        paths["fp8_w8a8"] = (lambda: fp8_linear_scaled_mm(x, fp8_w, fp8_s, bias), fp8_w.numel())
+        from velox.kernels.fp8_quant_triton import quantize_fp8_rows_triton
+
+        a8, a8_s = quantize_fp8_rows_triton(x.reshape(-1, in_features))
+        for fast in (False, True):
+            suffix = "_fast_accum" if fast else ""
+            paths[f"fp8_w8a8{suffix}"] = (
+                lambda fast=fast: fp8_linear_scaled_mm(x, fp8_w, fp8_s, bias, fast_accum=fast), fp8_w.numel())
+            paths[f"fp8_scaled_mm_only{suffix}"] = (lambda fast=fast: torch._scaled_mm(
+                a8, fp8_w.t(), scale_a=a8_s[:, None], scale_b=fp8_s[None, :], bias=bias, out_dtype=torch.bfloat16,
+                use_fast_accum=fast), fp8_w.numel())
+        paths["fp8_act_quant_only"] = (lambda: quantize_fp8_rows_triton(x.reshape(-1, in_features)), 0)
     shape = tuple(weight.shape)
     for qtype in (Q.Q8_0, Q.Q4_K):
         blocks = quantize(weight.float(), qtype)
@@ -98,7 +108,7 @@ def bench_layer(name: str, tokens: int, in_features: int, out_features: int, rep
             record = {"bench": "quant_linear", "layer": name, "tokens": tokens, "in": in_features,
                       "out": out_features, "path": path, "s": round(seconds, 6),
                       "speedup_vs_bf16": round(bf16_s / seconds, 3), "weight_mb": round(weight_bytes / 1e6, 1)}
-            if path not in ("int8_act_quant_only", "torch_int_mm", "int8_gemm_only"):
+            if path not in ("int8_act_quant_only", "torch_int_mm", "int8_gemm_only", "fp8_act_quant_only"):
                 record["rel_err_vs_bf16"] = round(relative_l2(out, reference), 5)
             emit(record)
 

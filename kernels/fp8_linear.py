@@ -18,6 +18,9 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
 MIN_SCALE_AMAX = 1e-12
 ROWWISE_MIN_CAPABILITY = (9, 0)
+# Hopper FP8 tensor cores accumulate in reduced precision unless the GEMM promotes partial sums to
+# fp32 every few k-steps; ``use_fast_accum`` skips that promotion (faster, slightly less exact).
+FAST_ACCUM = False
 
 
 def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,14 +59,16 @@ def scaled_mm_supported(device: torch.device, in_features: int, out_features: in
 
 
 def fp8_linear_scaled_mm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-                         bias: torch.Tensor | None = None) -> torch.Tensor:
-    """W8A8 ``F.linear`` on tensor cores: x (..., K) bf16/fp16, w_q (N, K) e4m3fn, w_scale (N,)."""
+                         bias: torch.Tensor | None = None, fast_accum: bool | None = None) -> torch.Tensor:
+    """W8A8 ``F.linear`` on tensor cores: x (..., K) bf16/fp16, w_q (N, K) e4m3fn, w_scale (N,);
+    ``fast_accum`` None: ``FAST_ACCUM``."""
     from . import fp8_quant_triton  # imported here: it reads this module's constants
 
     rows = x.reshape(-1, x.shape[-1])
     quantize = fp8_quant_triton.quantize_fp8_rows_triton if fp8_quant_triton.AVAILABLE else quantize_fp8_rows
     a_q, a_scale = quantize(rows)
-    scales = dict(scale_a=a_scale[:, None], scale_b=w_scale.float()[None, :], out_dtype=torch.bfloat16)
+    scales = dict(scale_a=a_scale[:, None], scale_b=w_scale.float()[None, :], out_dtype=torch.bfloat16,
+                  use_fast_accum=FAST_ACCUM if fast_accum is None else fast_accum)
     out = None
     if bias is not None and _BIAS_IN_EPILOGUE.get(x.device, True):
         try:  # the bias in the GEMM's epilogue saves a pass over the output
