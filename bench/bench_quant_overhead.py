@@ -109,6 +109,28 @@ def paths(tokens: int, out_features: int, in_features: int) -> dict:
     }, q8, x
 
 
+def glue_us(layer, x) -> dict[str, float]:
+    """Host microseconds of the pieces of ``_packed_forward`` that launch nothing."""
+    import timeit
+
+    from velox.host.quant_tensor import kind_of
+
+    weight, bias = layer.weight, layer.bias
+    pieces = {
+        "layer.weight (Module.__getattr__)": lambda: layer.weight,
+        "weight.to(same device, non_blocking)": lambda: weight.to(x.device, non_blocking=True),
+        "bias.to(device=, dtype=, non_blocking)": lambda: bias.to(device=x.device, dtype=x.dtype, non_blocking=True),
+        "weight.device == x.device": lambda: weight.device == x.device,
+        "layer.weight_kind": lambda: layer.weight_kind,
+        "kind_of(dtype)": lambda: kind_of(weight.dtype),
+        "layer._fused(x)": lambda: layer._fused(x),
+        "comfy.ops.run_every_op()": __import__("comfy.ops").ops.run_every_op,
+        "weight.data_ptr() % 16": lambda: weight.data_ptr() % 16 == 0,
+        "weight.is_contiguous()": lambda: weight.is_contiguous(),
+    }
+    return {name: round(timeit.timeit(fn, number=20000) / 20000 * 1e6, 2) for name, fn in pieces.items()}
+
+
 def profile(layer, x, calls: int = 300) -> str:
     profiler = cProfile.Profile()
     profiler.enable()
@@ -137,6 +159,7 @@ def main() -> None:
             emit({"bench": "quant_overhead", "path": name, "tokens": args.tokens, "out": args.features[0],
                   "in": args.features[1], "host_us": round(host * 1e6, 1), "gpu_us": round(gpu * 1e6, 1),
                   "device": torch.cuda.get_device_name()})
+        emit({"bench": "quant_overhead_glue", **glue_us(q8, x)})
         if args.profile:
             print(profile(q8, x), flush=True)
 

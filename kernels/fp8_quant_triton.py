@@ -49,12 +49,20 @@ if AVAILABLE:
             tl.store(q_ptr + row * stride_q + k, clamped.to(tl.float8e4nv), mask=k < K)
 
 
-def quantize_fp8_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, K) float -> (M, K) e4m3fn codes and (M,) fp32 scales, like ``quantize_fp8_rows``."""
+def quantize_fp8_rows_triton(x: torch.Tensor, block: int | None = None,
+                             warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) float -> (M, K) e4m3fn codes and (M,) fp32 scales, like ``quantize_fp8_rows``.
+    ``block`` / ``warps``: the launch shape (``launch_shape(K)`` by default; the tuner sweeps them)."""
     x = x.contiguous()
     M, K = x.shape
     q = torch.empty((M, K), dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty((M,), dtype=torch.float32, device=x.device)
-    _quantize_fp8_rows_kernel[(M,)](x, q, scale, K, x.stride(0), q.stride(0),
-                                    BLOCK=min(BLOCK_K, triton.next_power_of_2(K)), enable_fp_fusion=False)
+    default_block, default_warps = launch_shape(K)
+    _quantize_fp8_rows_kernel[(M,)](x, q, scale, K, x.stride(0), q.stride(0), BLOCK=block or default_block,
+                                    enable_fp_fusion=False, num_warps=warps or default_warps)
     return q, scale
+
+
+def launch_shape(K: int) -> tuple[int, int]:
+    """(elements per loop step, warps) for rows of K values."""
+    return min(BLOCK_K, triton.next_power_of_2(K)), 4

@@ -98,15 +98,23 @@ if AVAILABLE:
         tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def quantize_int8_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, K) float -> (M, K) int8, (M,) fp32 scales; same bits as ``quantize_int8_rows``."""
+def quantize_int8_rows_triton(x: torch.Tensor, block: int | None = None,
+                              warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) float -> (M, K) int8, (M,) fp32 scales; same bits as ``quantize_int8_rows``.
+    ``block`` / ``warps``: the launch shape (``quant_launch_shape(K)`` by default; the tuner sweeps them)."""
     x = x.contiguous()
     M, K = x.shape
     q = torch.empty((M, K), dtype=torch.int8, device=x.device)
     scale = torch.empty((M,), dtype=torch.float32, device=x.device)
-    block = min(QUANT_BLOCK_K, triton.next_power_of_2(K))
-    _quantize_rows_kernel[(M,)](x, q, scale, K, x.stride(0), q.stride(0), BLOCK_K=block, enable_fp_fusion=False)
+    default_block, default_warps = quant_launch_shape(K)
+    _quantize_rows_kernel[(M,)](x, q, scale, K, x.stride(0), q.stride(0), BLOCK_K=block or default_block,
+                                enable_fp_fusion=False, num_warps=warps or default_warps)
     return q, scale
+
+
+def quant_launch_shape(K: int) -> tuple[int, int]:
+    """(elements per loop step, warps) for rows of K values."""
+    return min(QUANT_BLOCK_K, triton.next_power_of_2(K)), 4
 
 
 def _gemm_config(M: int, N: int) -> tuple[int, ...]:
