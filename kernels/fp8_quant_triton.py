@@ -23,6 +23,7 @@ except ImportError:
     AVAILABLE = False
 
 BLOCK_K = 1024
+WIDE_ROW = 8192  # rows longer than this take the wide launch shape
 
 if AVAILABLE:
     _FP8_MAX = tl.constexpr(FP8_MAX)
@@ -64,5 +65,9 @@ def quantize_fp8_rows_triton(x: torch.Tensor, block: int | None = None,
 
 
 def launch_shape(K: int) -> tuple[int, int]:
-    """(elements per loop step, warps) for rows of K values."""
+    """(elements per loop step, warps) for rows of K values: the H100 sweep (bench/tune_act_quant.py,
+    bench/RESULTS.md session 3) found 1024 x 4 warps best at K = 5120 and 2048 x 8 warps at 13 824
+    (Wan's FFN down-projection input: 0.63 vs 0.83 ms at 32 760 tokens)."""
+    if K > WIDE_ROW:
+        return 2048, 8
     return min(BLOCK_K, triton.next_power_of_2(K)), 4

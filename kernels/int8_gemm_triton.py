@@ -32,6 +32,7 @@ except ImportError:  # the pack still works, on the PyTorch twin
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 QUANT_BLOCK_K = 1024
+WIDE_ROW = 8192  # rows longer than this take the wide launch shape
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages): H100-sized tiles for diffusion token
 # counts (thousands of rows); the interpreter gets one small tile so CPU tests stay fast.
 GEMM_CONFIGS = ((128, 256, 128, 8, 8, 3), (128, 128, 128, 8, 4, 4), (64, 128, 128, 8, 4, 4))
@@ -113,7 +114,11 @@ def quantize_int8_rows_triton(x: torch.Tensor, block: int | None = None,
 
 
 def quant_launch_shape(K: int) -> tuple[int, int]:
-    """(elements per loop step, warps) for rows of K values."""
+    """(elements per loop step, warps) for rows of K values: the H100 sweep (bench/tune_act_quant.py,
+    bench/RESULTS.md session 3) found 1024 x 4 warps best at K = 5120 and 2048 x 8 warps at 13 824
+    (Wan's FFN down-projection input: 0.63 vs 0.83 ms at 32 760 tokens)."""
+    if K > WIDE_ROW:
+        return 2048, 8
     return min(QUANT_BLOCK_K, triton.next_power_of_2(K)), 4
 
 
