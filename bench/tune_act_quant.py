@@ -24,15 +24,15 @@ def main() -> None:
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16])
     args = parser.parse_args()
     register_pack()
-    from velox.kernels.fp8_quant_triton import launch_shape, quantize_fp8_rows_triton
-    from velox.kernels.int8_gemm_triton import quant_launch_shape, quantize_int8_rows_triton
+    from velox.kernels.fp8_quant_triton import quantize_fp8_rows_triton
+    from velox.kernels.int8_gemm_triton import quantize_int8_rows_triton
+    from velox.kernels.triton_launch import row_launch_shape
 
-    quantizers = {"fp8": (quantize_fp8_rows_triton, launch_shape), "int8": (quantize_int8_rows_triton,
-                                                                           quant_launch_shape)}
+    quantizers = {"fp8": quantize_fp8_rows_triton, "int8": quantize_int8_rows_triton}
     for K in args.K:
         x = torch.randn(args.tokens, K, device="cuda", dtype=torch.bfloat16)
         traffic = x.numel() * 3  # bf16 read once from HBM, one-byte codes written
-        for name, (quantize, shipped) in quantizers.items():
+        for name, quantize in quantizers.items():
             want_q, want_s = quantize(x)
             for block, warps in itertools.product(args.blocks, args.warps):
                 if block > 2 * triton_next_pow2(K):
@@ -42,7 +42,7 @@ def main() -> None:
                 seconds = cuda_time(lambda block=block, warps=warps: quantize(x, block, warps), repeat=20)
                 emit({"bench": "act_quant_tune", "kind": name, "tokens": args.tokens, "K": K, "block": block,
                       "warps": warps, "ms": round(seconds * 1e3, 4), "tb_per_s": round(traffic / seconds / 1e12, 2),
-                      "bit_exact": exact, "shipped": (block, warps) == shipped(K)})
+                      "bit_exact": exact, "shipped": (block, warps) == row_launch_shape(K)})
 
 
 def triton_next_pow2(n: int) -> int:

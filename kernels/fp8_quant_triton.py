@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .fp8_linear import FP8_DTYPE, FP8_MAX, MIN_SCALE_AMAX
+from .triton_launch import row_launch_shape
 
 try:
     import triton
@@ -22,8 +23,6 @@ try:
 except ImportError:
     AVAILABLE = False
 
-BLOCK_K = 1024
-WIDE_ROW = 8192  # rows longer than this take the wide launch shape
 
 if AVAILABLE:
     _FP8_MAX = tl.constexpr(FP8_MAX)
@@ -53,21 +52,12 @@ if AVAILABLE:
 def quantize_fp8_rows_triton(x: torch.Tensor, block: int | None = None,
                              warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, K) float -> (M, K) e4m3fn codes and (M,) fp32 scales, like ``quantize_fp8_rows``.
-    ``block`` / ``warps``: the launch shape (``launch_shape(K)`` by default; the tuner sweeps them)."""
+    ``block`` / ``warps``: the launch shape (``row_launch_shape(K)`` by default; the tuner sweeps them)."""
     x = x.contiguous()
     M, K = x.shape
     q = torch.empty((M, K), dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty((M,), dtype=torch.float32, device=x.device)
-    default_block, default_warps = launch_shape(K)
+    default_block, default_warps = row_launch_shape(K)
     _quantize_fp8_rows_kernel[(M,)](x, q, scale, K, x.stride(0), q.stride(0), BLOCK=block or default_block,
                                     enable_fp_fusion=False, num_warps=warps or default_warps)
     return q, scale
-
-
-def launch_shape(K: int) -> tuple[int, int]:
-    """(elements per loop step, warps) for rows of K values: the H100 sweep (bench/tune_act_quant.py,
-    bench/RESULTS.md session 3) found 1024 x 4 warps best at K = 5120 and 2048 x 8 warps at 13 824
-    (Wan's FFN down-projection input: 0.63 vs 0.83 ms at 32 760 tokens)."""
-    if K > WIDE_ROW:
-        return 2048, 8
-    return min(BLOCK_K, triton.next_power_of_2(K)), 4

@@ -21,6 +21,7 @@ import os
 import torch
 
 from .int8_gemm_torch import INT8_MAX, MIN_SCALE_AMAX
+from .triton_launch import row_launch_shape
 
 try:
     import triton
@@ -31,8 +32,6 @@ except ImportError:  # the pack still works, on the PyTorch twin
     AVAILABLE = False
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-QUANT_BLOCK_K = 1024
-WIDE_ROW = 8192  # rows longer than this take the wide launch shape
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages): H100-sized tiles for diffusion token
 # counts (thousands of rows); the interpreter gets one small tile so CPU tests stay fast.
 GEMM_CONFIGS = ((128, 256, 128, 8, 8, 3), (128, 128, 128, 8, 4, 4), (64, 128, 128, 8, 4, 4))
@@ -102,24 +101,15 @@ if AVAILABLE:
 def quantize_int8_rows_triton(x: torch.Tensor, block: int | None = None,
                               warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, K) float -> (M, K) int8, (M,) fp32 scales; same bits as ``quantize_int8_rows``.
-    ``block`` / ``warps``: the launch shape (``quant_launch_shape(K)`` by default; the tuner sweeps them)."""
+    ``block`` / ``warps``: the launch shape (``row_launch_shape(K)`` by default; the tuner sweeps them)."""
     x = x.contiguous()
     M, K = x.shape
     q = torch.empty((M, K), dtype=torch.int8, device=x.device)
     scale = torch.empty((M,), dtype=torch.float32, device=x.device)
-    default_block, default_warps = quant_launch_shape(K)
+    default_block, default_warps = row_launch_shape(K)
     _quantize_rows_kernel[(M,)](x, q, scale, K, x.stride(0), q.stride(0), BLOCK_K=block or default_block,
                                 enable_fp_fusion=False, num_warps=warps or default_warps)
     return q, scale
-
-
-def quant_launch_shape(K: int) -> tuple[int, int]:
-    """(elements per loop step, warps) for rows of K values: the H100 sweep (bench/tune_act_quant.py,
-    bench/RESULTS.md session 3) found 1024 x 4 warps best at K = 5120 and 2048 x 8 warps at 13 824
-    (Wan's FFN down-projection input: 0.63 vs 0.83 ms at 32 760 tokens)."""
-    if K > WIDE_ROW:
-        return 2048, 8
-    return min(QUANT_BLOCK_K, triton.next_power_of_2(K)), 4
 
 
 def _gemm_config(M: int, N: int) -> tuple[int, ...]:

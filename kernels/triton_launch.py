@@ -59,5 +59,19 @@ class DirectLaunch:
             return False
 
 
+ROW_BLOCK = 1024  # elements per loop step of a row-quantizing program
+WIDE_ROW = 8192  # rows longer than this take the wide launch shape
+
+
+def row_launch_shape(K: int) -> tuple[int, int]:
+    """(elements per loop step, warps) of the per-token activation quantizers (FP8 and INT8 rows,
+    one program per row of K values): the H100 sweep (bench/tune_act_quant.py, bench/RESULTS.md
+    session 3) found 1024 x 4 warps best at K = 5120 and 2048 x 8 warps at 13 824 (Wan's FFN
+    down-projection input: 0.63 vs 0.83 ms at 32 760 tokens)."""
+    if K > WIDE_ROW:
+        return 2048, 8
+    return min(ROW_BLOCK, 1 << max(K - 1, 0).bit_length()), 4
+
+
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()])
