@@ -87,6 +87,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--res", type=int, nargs="+", default=[1024])
     parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each variant's model (what core's TorchCompileModel node does)")
     args = parser.parse_args()
     boot_comfy()
     register_pack()
@@ -96,12 +98,14 @@ def main() -> None:
         baseline, seconds = None, {}
         for variant in args.variants:
             model = build(variant, reference)
+            forward = torch.compile(model) if args.compile else model
             with torch.inference_mode():
-                run = lambda model=model: model(x, t, context, context_mask=mask)  # noqa: E731
+                run = lambda forward=forward: forward(x, t, context, context_mask=mask)  # noqa: E731
                 out = run().float()
                 seconds[variant] = cuda_time(run, warmup=3, repeat=args.repeat)
             baseline = out if baseline is None else baseline
             record = {"bench": "sana1600m_quant_forward", "resolution": resolution, "variant": variant,
+                      "compiled": args.compile,
                       "s": round(seconds[variant], 5), "weight_gb": round(weight_gb(model), 3),
                       "rel_err_vs_first": round(relative_l2(out, baseline), 5), "first": args.variants[0],
                       "device": torch.cuda.get_device_name()}

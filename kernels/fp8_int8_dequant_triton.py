@@ -41,17 +41,19 @@ def dequantize_rows_triton(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dt
     sources) launches the compiled kernel directly (``kernels/triton_launch.py``)."""
     q = q.contiguous()
     scale = scale.to(device=q.device, dtype=torch.float32).contiguous()
-    key = (q.dtype, dtype, tuple(q.shape), q.device, q.data_ptr() % 16 == 0, scale.data_ptr() % 16 == 0)
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
     numel = q.numel()
     K = q.shape[-1] if q.ndim else 1
-    direct = _DIRECT_LAUNCHES.get(key)
+    traced = torch.compiler.is_compiling()  # the kernel call goes into the graph (no data pointers)
+    key = None if traced else (q.dtype, dtype, tuple(q.shape), q.device, q.data_ptr() % 16 == 0,
+                               scale.data_ptr() % 16 == 0)
+    direct = None if traced else _DIRECT_LAUNCHES.get(key)
     if direct is not None:
         direct(q, scale, out, numel, K, BLOCK)
         return out
     grid = (triton.cdiv(numel, BLOCK),)
     kernel = _dequantize_rows_kernel[grid](q, scale, out, numel, K, BLOCK=BLOCK, enable_fp_fusion=False)
-    if key not in _DIRECT_LAUNCHES:
+    if not traced and key not in _DIRECT_LAUNCHES:
         launch = DirectLaunch.of(kernel, (grid[0], 1, 1), q.device)
         again = lambda: _launched(launch, q, scale, out, numel, K)  # noqa: E731
         _DIRECT_LAUNCHES[key] = launch if launch is not None and launch.reproduces(again, out) else None

@@ -238,6 +238,8 @@ def dequantize_triton(data: torch.Tensor, qtype: int, shape: tuple[int, ...],
     ``data``: uint8 on the device the kernel runs on (CUDA, or CPU under ``TRITON_INTERPRET=1``).
     A repeat call for a (type, dtype, shape, device, alignment) already seen takes the direct launch.
     """
+    if torch.compiler.is_compiling():  # traced: the kernel call goes into the graph (no data pointers here)
+        return _dequantize_through_triton(data, qtype, shape, dtype, where)[0]
     key = (int(qtype), dtype, tuple(shape), data.device, data.data_ptr() % 16 == 0)
     direct = _DIRECT_LAUNCHES.get(key)
     if direct is not None and direct.accepts(data):

@@ -261,3 +261,28 @@ def test_fused_dequant_gemm_switch_gives_the_dequant_paths_result(quant, monkeyp
     assert layer._fused(x)
     fused = layer(x)
     assert ((fused.float() - unfused.float()).norm() / unfused.float().norm()) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("quantization", ["gguf_q8_0", "gguf_q4_k", "fp8_e4m3"])
+def test_quantized_layer_under_torch_compile_equals_eager(quant, quantization):
+    """What core's TorchCompileModel does to a MODEL: the traced forward calls the Triton kernels
+    through Triton's own launcher (the direct launch reads data pointers, which tracing has none of)."""
+    quant_ops, quant_tensor = quant
+    weight = torch.randn(OUT, 256) / 16
+    if quantization.startswith("gguf"):
+        qtype = Q.Q8_0 if quantization == "gguf_q8_0" else Q.Q4_K
+        ops, state = quant_ops.make_quant_operations(), {"weight": quant_tensor.quantize_weight_gguf(weight, qtype)}
+    else:
+        ops, state = quant_ops.make_quant_operations(quantization, "dequant"), {"weight": weight}
+    layer = ops.Linear(256, OUT, bias=False, dtype=torch.bfloat16)
+    layer.load_state_dict(state, strict=False)
+    layer.to("cuda")
+    x = torch.randn(2, 9, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        eager = [layer(x) for _ in range(2)]  # the second call takes the direct launch
+        torch._dynamo.reset()
+        compiled = torch.compile(layer)(x)
+    assert torch.equal(eager[0], eager[1])
+    assert ((compiled.float() - eager[0].float()).norm() / eager[0].float().norm()) < 1e-3
