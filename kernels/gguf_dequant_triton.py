@@ -225,6 +225,7 @@ if AVAILABLE:
         Q.IQ4_NL: _iq4_nl_kernel, Q.IQ4_XS: _iq4_xs_kernel,
     }
 
+CODE_BOOK_TYPES = (Q.IQ4_NL, Q.IQ4_XS)  # kernels that read the IQ4 code book
 # kind of _float_kernel and the dtype its source bytes are viewed as
 FLOAT_KINDS: dict[GGMLQuantizationType, tuple[int, torch.dtype]] = {
     Q.F32: (0, torch.int32), Q.F16: (1, torch.float16), Q.BF16: (2, torch.int16),
@@ -271,10 +272,13 @@ def _dequantize_through_triton(data, qtype, shape, dtype, where):
         return out, None
     elements, warps = LAUNCH_SHAPES.get(qtype, (ELEMENTS_PER_PROGRAM, 4))
     tile = elements // block_size
-    lut = iq4_code_book(data.device)
+    # Only the IQ4 kernels read a code book; the others get their own source as a pointer they never
+    # read (the code book is cached per device eagerly, but torch.compile traces through that cache
+    # and would copy it to the GPU on every call, once per layer).
+    lut = iq4_code_book(data.device) if qtype in CODE_BOOK_TYPES else None
     grid = triton.cdiv(n_blocks, tile)
-    kernel = BLOCK_KERNELS[qtype][(grid,)](blocks, target, lut, n_blocks, TILE=tile, BF16_OUT=bf16_out,
-                                           enable_fp_fusion=False, num_warps=warps)
+    kernel = BLOCK_KERNELS[qtype][(grid,)](blocks, target, blocks if lut is None else lut, n_blocks, TILE=tile,
+                                           BF16_OUT=bf16_out, enable_fp_fusion=False, num_warps=warps)
     return out, (kernel, grid, (lut, n_blocks, tile, bf16_out))
 
 
@@ -302,7 +306,8 @@ class DequantizeLaunch:
 
     def __call__(self, data: torch.Tensor) -> torch.Tensor:
         out = torch.empty(self.shape, dtype=self.dtype, device=data.device)
-        self.launch(data, out.view(torch.int16) if self.bf16 else out, *self.static)
+        lut, *rest = self.static  # None: the source stands in (never read; no tensor kept alive here)
+        self.launch(data, out.view(torch.int16) if self.bf16 else out, data if lut is None else lut, *rest)
         return out
 
 
