@@ -62,12 +62,13 @@ def build(variant: str, state: dict[str, torch.Tensor]):
     from velox.host.quant_loading import NEVER_QUANTIZE
     from velox.host.quant_ops import make_quant_operations
     from velox.host.quant_tensor import quantize_weight_gguf
+    from velox.host.shared_activation import SHARED_INPUT
 
     if variant == "native_bf16":
         ops, weights = comfy.ops.disable_weight_init, state
     else:
         quantization, compute = QUANTIZE_AT_LOAD.get(variant, ("none", "dequant"))
-        ops = make_quant_operations(quantization, compute, NEVER_QUANTIZE["wan"])
+        ops = make_quant_operations(quantization, compute, NEVER_QUANTIZE["wan"], shared_input=SHARED_INPUT["wan"])
         weights = dict(state)
         if variant in ("q8_0", "q4_k", "q4_k_lora4"):
             import re

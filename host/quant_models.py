@@ -31,6 +31,7 @@ from .quant_loading import (
 )
 from .quant_ops import QuantLinear, make_quant_operations
 from .quant_tensor import PackedWeight
+from .shared_activation import SHARED_INPUT
 
 
 def _devices() -> tuple[torch.device, torch.device]:
@@ -131,7 +132,8 @@ def build_quantized_wan(weights: Weights, path: str | Path | None = None, dtype:
     model_config.unet_config["text_dim"] = wan_text_dim(canonical)
     load_device, offload_device = _devices()
     dtype = _inference_dtypes(model_config, canonical, dtype, load_device)
-    model_config.custom_operations = make_quant_operations(quantization, compute, NEVER_QUANTIZE["wan"])
+    model_config.custom_operations = make_quant_operations(quantization, compute, NEVER_QUANTIZE["wan"],
+                                                           shared_input=SHARED_INPUT["wan"])
     model = model_config.get_model(dict(canonical), "", device=offload_device)
     _load_checked(model.diffusion_model, state_dict, path, variant.describe())
     logging.info("Velox: %s loaded from %s (%s; %s)", variant.describe(), path, dtype,

@@ -31,8 +31,15 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import gguf_dequant_gemm_triton, int8_gemm_triton
-from ..kernels.fp8_linear import FP8_DTYPE, fp8_linear_emulated, fp8_linear_scaled_mm, scaled_mm_supported
-from ..kernels.int8_gemm_torch import int8_linear_torch
+from ..kernels.fp8_linear import (
+    FP8_DTYPE,
+    fp8_linear_emulated,
+    fp8_linear_scaled_mm,
+    fp8_row_quantizer,
+    quantize_fp8_rows,
+    scaled_mm_supported,
+)
+from ..kernels.int8_gemm_torch import int8_linear_torch, quantize_int8_rows
 from .quant_tensor import (
     QUANTIZE_TO,
     PackedWeight,
@@ -42,6 +49,7 @@ from .quant_tensor import (
     quantize_weight,
     requantize_with_scale,
 )
+from .shared_activation import group_of, quantized_activation
 
 QUANT_COMPUTES = ("dequant", "lowp")
 MATH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -51,12 +59,14 @@ FUSED_DEQUANT_GEMM_MAX_TOKENS = {gguf_dequant_gemm_triton.Q8_0: 0, gguf_dequant_
 
 
 def make_quant_operations(quantization: str = "none", compute: str = "dequant",
-                          never_quantize: Sequence[str] = (), base=comfy.ops.manual_cast):
+                          never_quantize: Sequence[str] = (), base=comfy.ops.manual_cast,
+                          shared_input: Sequence[str] = ()):
     """The namespace for a model's ``operations`` argument.
 
     quantization: ``none`` / ``fp8_e4m3`` / ``int8``, what float Linear weights become at load;
     compute: ``dequant`` / ``lowp``; never_quantize: regular expressions matched (``re.search``)
-    against a layer's name (``blocks.3.ffn.0``) to keep it in high precision.
+    against a layer's name (``blocks.3.ffn.0``) to keep it in high precision; shared_input: the
+    family's ``shared_activation.SHARED_INPUT`` (sibling layers quantize one input once under lowp).
     """
     if quantization not in QUANTIZE_TO:
         raise ValueError(f"quantization must be one of {list(QUANTIZE_TO)}, got {quantization!r}")
@@ -77,6 +87,7 @@ def make_quant_operations(quantization: str = "none", compute: str = "dequant",
     QuantOps.Linear.compute = compute
     QuantOps.Linear.target_kind = target_kind
     QuantOps.Linear.wants_quantized = staticmethod(wants_quantized)
+    QuantOps.Linear.shared_input = tuple(shared_input)
     QuantOps.quantization, QuantOps.compute = quantization, compute
     return QuantOps
 
@@ -88,6 +99,8 @@ class QuantLinear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
     compute = "dequant"
     target_kind: str | None = None  # "fp8" / "int8": what float weights become at load
     wants_quantized: Callable[[str, torch.Tensor], bool] = staticmethod(lambda name, weight: False)
+    shared_input: tuple[str, ...] = ()
+    activation_group: str | None = None  # set at load from the layer's name (host/shared_activation.py)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
@@ -134,6 +147,7 @@ class QuantLinear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
         unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):])
 
     def _take_weight(self, weight, scale, name: str) -> str | None:
+        self.activation_group = group_of(name, self.shared_input)
         expected = (self.out_features, self.in_features)
         if isinstance(weight, PackedWeight):
             if tuple(weight.shape) != expected:
@@ -195,7 +209,7 @@ class QuantLinear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
         for function in self.bias_function:
             bias = function(bias)
         if self.compute == "lowp" and self.weight_kind in ("fp8", "int8") and not self.weight_function:
-            out = _lowp_linear(x, data, scale, bias)
+            out = _lowp_linear(x, data, scale, bias, self.activation_group)
             if out is not None:
                 return out
         if self._fused(x):
@@ -252,14 +266,23 @@ def _apply_weight_function(function, weight: torch.Tensor) -> torch.Tensor:
     return function(weight)
 
 
-def _lowp_linear(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+def _lowp_linear(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 group: str | None = None):
     """W8A8 with per-token activation scales, or None where this GPU has no fast W8A8 path for the kind
     (FP8 below SM 9.0, INT8 without Triton): dequantize-then-GEMM is then both faster and closer.
-    On the CPU the PyTorch twins run, so the numerics are those of the GPU kernels."""
+    On the CPU the PyTorch twins run, so the numerics are those of the GPU kernels. ``group``: the
+    layer's sharing group; its siblings reuse one quantization of a shared input."""
     if data.dtype == FP8_DTYPE:
         if scaled_mm_supported(x.device, data.shape[1], data.shape[0]) and x.dtype in (torch.bfloat16, torch.float16):
-            return fp8_linear_scaled_mm(x, data, scale, bias)
-        return None if x.is_cuda else fp8_linear_emulated(x, data, scale, bias)
+            return fp8_linear_scaled_mm(x, data, scale, bias,
+                                        activation=quantized_activation(x, group, fp8_row_quantizer()))
+        if x.is_cuda:
+            return None
+        return fp8_linear_emulated(x, data, scale, bias, activation=quantized_activation(x, group, quantize_fp8_rows))
     if x.is_cuda:
-        return int8_gemm_triton.int8_linear_triton(x, data, scale, bias) if int8_gemm_triton.AVAILABLE else None
-    return int8_linear_torch(x, data, scale, bias)
+        if not int8_gemm_triton.AVAILABLE:
+            return None
+        quantize = int8_gemm_triton.quantize_int8_rows_triton
+        return int8_gemm_triton.int8_linear_triton(x, data, scale, bias,
+                                                   activation=quantized_activation(x, group, quantize))
+    return int8_linear_torch(x, data, scale, bias, activation=quantized_activation(x, group, quantize_int8_rows))

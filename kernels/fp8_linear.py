@@ -61,15 +61,19 @@ def scaled_mm_supported(device: torch.device, in_features: int, out_features: in
     return torch.cuda.get_device_capability(device) >= ROWWISE_MIN_CAPABILITY
 
 
-def fp8_linear_scaled_mm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-                         bias: torch.Tensor | None = None, fast_accum: bool | None = None) -> torch.Tensor:
-    """W8A8 ``F.linear`` on tensor cores: x (..., K) bf16/fp16, w_q (N, K) e4m3fn, w_scale (N,);
-    ``fast_accum`` None: ``FAST_ACCUM``."""
+def fp8_row_quantizer():
+    """The per-token FP8 activation quantizer ``fp8_linear_scaled_mm`` uses: Triton's when installed."""
     from . import fp8_quant_triton  # imported here: it reads this module's constants
 
-    rows = x.reshape(-1, x.shape[-1])
-    quantize = fp8_quant_triton.quantize_fp8_rows_triton if fp8_quant_triton.AVAILABLE else quantize_fp8_rows
-    a_q, a_scale = quantize(rows)
+    return fp8_quant_triton.quantize_fp8_rows_triton if fp8_quant_triton.AVAILABLE else quantize_fp8_rows
+
+
+def fp8_linear_scaled_mm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                         bias: torch.Tensor | None = None, fast_accum: bool | None = None,
+                         activation: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """W8A8 ``F.linear`` on tensor cores: x (..., K) bf16/fp16, w_q (N, K) e4m3fn, w_scale (N,);
+    ``fast_accum`` None: ``FAST_ACCUM``; ``activation``: x already quantized by ``fp8_row_quantizer()``."""
+    a_q, a_scale = activation if activation is not None else fp8_row_quantizer()(x.reshape(-1, x.shape[-1]))
     scales = dict(scale_a=a_scale[:, None], scale_b=w_scale.float()[None, :], out_dtype=torch.bfloat16,
                   use_fast_accum=FAST_ACCUM if fast_accum is None else fast_accum)
     out = None
@@ -89,10 +93,11 @@ _BIAS_IN_EPILOGUE: dict[torch.device, bool] = {}
 
 
 def fp8_linear_emulated(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-                        bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The same W8A8 product in fp32 (any device): quantized activations x quantized weights."""
-    rows = x.reshape(-1, x.shape[-1])
-    a_q, a_scale = quantize_fp8_rows(rows)
+                        bias: torch.Tensor | None = None,
+                        activation: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The same W8A8 product in fp32 (any device): quantized activations x quantized weights;
+    ``activation``: x already quantized by ``quantize_fp8_rows``."""
+    a_q, a_scale = activation if activation is not None else quantize_fp8_rows(x.reshape(-1, x.shape[-1]))
     out = (codes_as_float(a_q) @ codes_as_float(w_q).t()) * a_scale[:, None] * w_scale.float()[None, :]
     if bias is not None:
         out = out + bias.float()[None, :]

@@ -49,9 +49,10 @@ def int8_gemm_torch(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor,
 
 
 def int8_linear_torch(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-                      bias: torch.Tensor | None = None) -> torch.Tensor:
-    """W8A8 ``F.linear``: x (..., K) float, w_q (N, K) int8, w_scale (N,) -> (..., N) in x's dtype."""
-    rows = x.reshape(-1, x.shape[-1])
-    a_q, a_scale = quantize_int8_rows(rows)
+                      bias: torch.Tensor | None = None,
+                      activation: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """W8A8 ``F.linear``: x (..., K) float, w_q (N, K) int8, w_scale (N,) -> (..., N) in x's dtype;
+    ``activation``: x already quantized by ``quantize_int8_rows``."""
+    a_q, a_scale = activation if activation is not None else quantize_int8_rows(x.reshape(-1, x.shape[-1]))
     out = int8_gemm_torch(a_q, a_scale, w_q, w_scale, bias, out_dtype=x.dtype)
     return out.reshape(*x.shape[:-1], w_q.shape[0])

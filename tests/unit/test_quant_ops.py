@@ -286,3 +286,90 @@ def test_quantized_layer_under_torch_compile_equals_eager(quant, quantization):
         compiled = torch.compile(layer)(x)
     assert torch.equal(eager[0], eager[1])
     assert ((compiled.float() - eager[0].float()).norm() / eager[0].float().norm()) < 1e-3
+
+
+class _SharedInputAttention(torch.nn.Module):
+    """Core Wan self-attention's calling pattern: q, k and v on one input tensor."""
+
+    def __init__(self, ops):
+        super().__init__()
+        self.q, self.k, self.v = (ops.Linear(IN, IN, dtype=torch.float32) for _ in range(3))
+
+    def forward(self, x):
+        return self.q(x), self.k(x), self.v(x)
+
+
+@pytest.mark.parametrize("quantization", ["fp8_e4m3", "int8"])
+def test_siblings_reuse_one_activation_quantization_and_compute_the_same(quant, quantization, monkeypatch):
+    from velox.host import quant_ops
+    from velox.host.shared_activation import SHARED_INPUT
+
+    def build(shared):
+        holder = torch.nn.Module()
+        holder.add_module("blocks", torch.nn.ModuleList())
+        ops = quant_ops.make_quant_operations(quantization, "lowp", shared_input=SHARED_INPUT["wan"] if shared else ())
+        holder.blocks.append(torch.nn.Module())
+        holder.blocks[0].add_module("self_attn", _SharedInputAttention(ops))
+        generator = torch.Generator().manual_seed(3)
+        holder.load_state_dict({f"blocks.0.self_attn.{n}.{p}": torch.randn(*((IN, IN) if p == "weight" else (IN,)),
+                                                                            generator=generator) / 8
+                                for n in "qkv" for p in ("weight", "bias")})
+        return holder.blocks[0].self_attn
+
+    shared, separate = build(True), build(False)
+    assert shared.k.activation_group == "blocks.0.self_attn" and separate.k.activation_group is None
+    calls = []
+    for name in ("quantize_fp8_rows", "quantize_int8_rows"):
+        original = getattr(quant_ops, name)
+        monkeypatch.setattr(quant_ops, name, lambda rows, original=original: calls.append(rows) or original(rows))
+    x = inputs()
+    with torch.inference_mode():
+        together = shared(x)
+        assert len(calls) == 1  # q quantized x; k and v reused it
+        apart = separate(x)
+        assert len(calls) == 4
+        again = shared(x.clone())  # another tensor, even with the same values: quantized again
+        assert len(calls) == 5
+    for a, b, c in zip(together, apart, again):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("quantization", ["fp8_e4m3", "int8"])
+def test_siblings_sharing_one_quantization_on_gpu_equal_separate_layers(quant, quantization):
+    from velox.host import quant_ops
+    from velox.host.shared_activation import SHARED_INPUT
+
+    generator = torch.Generator().manual_seed(4)
+    state = {f"{n}.{p}": torch.randn(*((256, 256) if p == "weight" else (256,)), generator=generator) / 16
+             for n in "qkv" for p in ("weight", "bias")}
+    outputs = []
+    for shared in (SHARED_INPUT["wan"], ()):
+        ops = quant_ops.make_quant_operations(quantization, "lowp", shared_input=shared)
+        attention = torch.nn.Module()
+        for n in "qkv":
+            attention.add_module(n, ops.Linear(256, 256, dtype=torch.bfloat16))
+        holder = torch.nn.Module()
+        holder.add_module("self_attn", attention)
+        holder.load_state_dict({f"self_attn.{k}": v for k, v in state.items()})
+        holder.to("cuda")
+        x = torch.randn(2, 300, 256, generator=torch.Generator().manual_seed(5)).cuda().bfloat16()
+        with torch.inference_mode():
+            outputs.append([getattr(attention, n)(x) for n in "qkv"])
+    assert attention.q.activation_group is None
+    for a, b in zip(*outputs):
+        assert torch.equal(a, b)
+
+
+def test_shared_activation_is_dropped_with_its_input(quant):
+    import gc
+
+    from velox.host import shared_activation
+
+    x = torch.randn(4, 8)
+    shared_activation.quantized_activation(x, "blocks.0.self_attn", lambda rows: (rows * 2, rows.amax(-1)))
+    assert shared_activation._last is not None
+    del x
+    gc.collect()
+    assert shared_activation._last is None
