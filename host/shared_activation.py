@@ -1,10 +1,11 @@
 """One W8A8 activation quantization for sibling Linears that read the same input tensor.
 
-Core's Wan self-attention calls ``self.q(x)``, ``self.k(x)`` and ``self.v(x)`` on one ``x``; with
-``quant_compute=lowp`` each call quantized that 32 760 x 5120 activation again (0.25 ms each on an
-H100, 20 ms of a 2.6 s Wan-14B forward). Layers whose names match a family's ``SHARED_INPUT``
-pattern form a group (their parent module); a call whose input is the very tensor object the
-previous call of the same group quantized, with the same quantizer, reuses that result.
+Core's Wan self-attention calls ``self.q(x)``, ``self.k(x)`` and ``self.v(x)`` on one ``x`` (our
+VideoCrafter attention does the same); with ``quant_compute=lowp`` each call quantized that
+activation again (32 760 x 5120 for Wan-14B at 480p: 0.25 ms each on an H100, 20 ms of a 2.6 s
+forward). Layers whose names match a family's ``SHARED_INPUT`` pattern form a group (their parent
+module); a call whose input is the very tensor object the previous call of the same group
+quantized, with the same quantizer, reuses that result.
 
 Why this is safe only for listed groups: inference tensors carry no version counter, so an in-place
 change of ``x`` between two calls could not be seen. The patterns list sibling layers that core's
@@ -24,7 +25,11 @@ import torch
 # family -> regular expressions (re.search over layer names) of layers that share their input with
 # the sibling layers of the same parent module, called one after another on one tensor
 SHARED_INPUT: dict[str, tuple[str, ...]] = {
+    # core's WanSelfAttention / WanT2VCrossAttention / WanI2VCrossAttention
     "wan": (r"self_attn\.[qkv]$", r"cross_attn\.[kv]$", r"cross_attn\.[kv]_img$"),
+    # models/unet3d_attention.py CrossAttention: q, k, v on x (self-attention); k, v on the text
+    # slice and k_ip, v_ip on the image slice of the context (cross-attention)
+    "videocrafter": (r"attn[12]\.to_[qkv]$", r"attn2\.to_[kv]_ip$"),
 }
 
 Quantizer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]

@@ -30,6 +30,7 @@ from .quant_loading import NEVER_QUANTIZE, Weights, densify_non_matrices, is_ggu
 from .quant_models import _describe, _devices, _inference_dtypes, _load_checked
 from .quant_ops import make_quant_operations
 from .quant_tensor import PackedWeight
+from .shared_activation import SHARED_INPUT
 from .videocrafter_model import VideoCrafterModelConfig
 
 FAMILY = "videocrafter"
@@ -49,7 +50,8 @@ def build_quantized_videocrafter(unet: Mapping[str, torch.Tensor], lookup, varia
     load_device, offload_device = _devices()
     model_config = VideoCrafterModelConfig(variant)
     dtype = _inference_dtypes(model_config, unet, dtype, load_device)
-    model_config.custom_operations = make_quant_operations(quantization, compute, NEVER_QUANTIZE[FAMILY])
+    model_config.custom_operations = make_quant_operations(quantization, compute, NEVER_QUANTIZE[FAMILY],
+                                                           shared_input=SHARED_INPUT[FAMILY])
     model = model_config.get_model(state_dict, device=offload_device)
     _load_checked(model.diffusion_model, state_dict, path, variant.name)
     logging.info("Velox: %s UNet loaded from %s (%s; %s)", variant.name, path, dtype,

@@ -233,6 +233,9 @@ def test_quantization_selector_keeps_embedders_dense_and_stays_close(converted, 
     assert never and not quantized & set(never)
     error = _relative(_unet_output(model), dense_output)
     assert 0 < error <= SELECTOR_BOUNDS[quantization, compute], error
+    groups = {n: m.activation_group for n, m in linears.items() if m.activation_group}
+    assert any(n.endswith(".attn1.to_k") and g.endswith(".attn1") for n, g in groups.items())
+    assert not any(".ff.net." in n or n.endswith("to_out.0") for n in groups)
 
 
 def _write_gguf(path, architecture: str | None, names: list[str]) -> None:
