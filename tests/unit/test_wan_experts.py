@@ -247,7 +247,7 @@ def test_experts_of_different_sizes_are_refused(experts, conds):
         node_run(experts[0], bigger, conds, video_latent(1))
 
 
-def test_i2v_expert_without_a_start_image_is_refused_and_runs_with_one(conds):
+def test_i2v_expert_without_a_start_image_is_refused_and_runs_with_one(comfy_host, conds):
     import node_helpers
 
     expert = tiny_wan(seed=5, in_dim=36)  # a Wan 2.2 A14B I2V expert: 16 noise + 4 mask + 16 image channels
