@@ -70,7 +70,7 @@ class ComfyServer:
     """A ComfyUI server process for the duration of a ``with`` block."""
 
     def __init__(self, comfyui: Path, extra_models: Path | None = None, output_dir: Path | None = None,
-                 boot_timeout: float = 180.0):
+                 boot_timeout: float = 180.0, extra_args: list[str] | None = None):
         self.comfyui = Path(comfyui).resolve()
         self.extra_models = extra_models
         self.work = Path(tempfile.mkdtemp(prefix="velox-comfy-"))
@@ -80,6 +80,7 @@ class ComfyServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.work / "server.log"
         self.process: subprocess.Popen | None = None
+        self.extra_args = list(extra_args or [])
 
     def __enter__(self) -> "ComfyServer":
         self.start()
@@ -97,7 +98,7 @@ class ComfyServer:
         if self.extra_models is not None:
             yaml = write_extra_model_paths(Path(self.extra_models), self.work / "extra_model_paths.yaml")
             cmd += ["--extra-model-paths-config", str(yaml)]
-        return cmd
+        return cmd + self.extra_args
 
     def start(self) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)

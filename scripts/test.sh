@@ -1,28 +1,38 @@
 #!/usr/bin/env bash
 # The tests: provision, lint, check the pack imports into ComfyUI, then the browser tier (ComfyUI's
-# frontend in Debian's headless Chromium, installed when missing), then the unit and comfy tiers.
-# Extra arguments go to one pytest run instead (e.g. `bash scripts/test.sh -m unit -x`).
-# Every tier runs to the end even when an earlier one fails; the exit code is non-zero if any did.
+# frontend in Debian's headless Chromium, installed when missing), the unit tier (host-free, once)
+# and the comfy tier. When ../shared/hosts/ holds newer ComfyUI trees (comfyui-*.tar.gz), each gets
+# its own virtual environment and the import check, browser and comfy tiers again, plus the browser
+# tier on the newest frontend from PyPI. Every tier runs to the end; the exit code is non-zero if any
+# failed. Extra arguments go to one pytest run instead (e.g. `bash scripts/test.sh -m unit -x`).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
-HOST=$(bash scripts/provision.sh | tail -n 1)
-VENV=${VELOX_VENV:-$ROOT/.venv}
-export COMFYUI_PATH=$HOST
+source scripts/tiers.sh
+SHARED_HOSTS=${VELOX_SHARED_HOSTS:-$ROOT/../shared/hosts}
+NEWEST_FRONTEND=${VELOX_NEWEST_FRONTEND:-1.58.1}
 # Python never puts the repository root on sys.path (-P, and PYTHONSAFEPATH for children): the
 # pack's folders `kernels`, `models`, `nodes`... would shadow PyPI packages of the same names.
 export PYTHONSAFEPATH=1
-PYTEST=("$VENV/bin/python" -P -m pytest)
+
+HOST=$(bash scripts/provision.sh | tail -n 1)
+VENV=${VELOX_VENV:-$ROOT/.venv}
+export COMFYUI_PATH=$HOST
+pytest_in() { local venv=$1; shift; "$venv/bin/python" -P -m pytest "$@"; }
+host_version() { sed -n 's/^__version__ = "\(.*\)"/\1/p' "$1/comfyui_version.py"; }
 
 echo "== ruff"
 "$VENV/bin/ruff" check .
 
+import_check() {  # import_check HOST VENV: ComfyUI loads the pack without IMPORT FAILED
+  local host=$1 venv=$2 log; log=$(mktemp)
+  (cd "$host" && "$venv/bin/python" main.py --cpu --quick-test-for-ci > "$log" 2>&1) || { cat "$log"; return 1; }
+  if grep "IMPORT FAILED" "$log" | grep -q "custom_nodes/velox"; then
+    grep -B 30 "IMPORT FAILED" "$log"; echo "ComfyUI logged IMPORT FAILED for Velox" >&2; return 1
+  fi
+}
 echo "== ComfyUI imports the pack"
-log=$(mktemp)
-(cd "$HOST" && "$VENV/bin/python" main.py --cpu --quick-test-for-ci > "$log" 2>&1) || { cat "$log"; exit 1; }
-if grep "IMPORT FAILED" "$log" | grep -q "custom_nodes/velox"; then
-  grep -B 30 "IMPORT FAILED" "$log"; echo "ComfyUI logged IMPORT FAILED for Velox" >&2; exit 1
-fi
+import_check "$HOST" "$VENV"
 
 echo "== Chromium for the browser tier"
 CHROMIUM=${VELOX_CHROMIUM:-/usr/bin/chromium}
@@ -42,16 +52,37 @@ fi
 
 if [ $# -gt 0 ]; then
   echo "== pytest $*"
-  "${PYTEST[@]}" -m "not gpu" -q "$@"
+  pytest_in "$VENV" -m "not gpu" -q "$@"
   exit
 fi
-failed=()
-# the browser tier first, so the run closes on the summary of the largest tier
-echo "== pytest (browser tier: ComfyUI's frontend in headless Chromium)"
-"${PYTEST[@]}" -m browser -q -rs tests/browser || failed+=("browser")
-echo "== pytest (unit + comfy tiers)"
-"${PYTEST[@]}" -m "not gpu and not browser" -q || failed+=("unit + comfy")
-if [ ${#failed[@]} -gt 0 ]; then
-  echo "FAILED tiers: ${failed[*]}" >&2
-  exit 1
-fi
+
+frontend_root() {  # the static folder of comfyui-frontend-package==$1, installed beside the hosts
+  local target=$ROOT/.host/frontend-$1
+  if [ ! -d "$target/comfyui_frontend_package/static" ]; then
+    "$VENV/bin/python" -m pip install -qq --no-deps --target "$target" "comfyui-frontend-package==$1" >&2
+  fi
+  echo "$target/comfyui_frontend_package/static"
+}
+
+newer_host() {  # newer_host TARBALL: the tiers that depend on the host, on a second host
+  local tarball=$1 name venv host
+  name=$(basename "$tarball" .tar.gz)
+  venv=$ROOT/.venv-$name
+  host=$(VELOX_VENV=$venv VELOX_HOST_TARBALL=$tarball bash scripts/provision.sh | tail -n 1) || return 1
+  run_tier "ComfyUI imports the pack ($name)" import_check "$host" "$venv"
+  run_tier "browser tier ($name)" env COMFYUI_PATH="$host" "$venv/bin/python" -P -m pytest -m browser -q -rs tests/browser
+  local front; front=$(frontend_root "$NEWEST_FRONTEND") || { FAILED_TIERS+=("frontend $NEWEST_FRONTEND install"); return; }
+  run_tier "browser tier ($name, frontend $NEWEST_FRONTEND)" env COMFYUI_PATH="$host" VELOX_FRONT_END_ROOT="$front" \
+    "$venv/bin/python" -P -m pytest -m browser -q -rs tests/browser
+  run_tier "comfy tier ($name)" env COMFYUI_PATH="$host" "$venv/bin/python" -P -m pytest -m "comfy and not gpu" -q
+}
+
+run_tier "browser tier (ComfyUI $(host_version "$HOST"), its frontend in headless Chromium)" pytest_in "$VENV" -m browser -q -rs tests/browser
+run_tier "unit tier (host-free)" pytest_in "$VENV" -m "unit and not gpu" -q
+for tarball in "$SHARED_HOSTS"/comfyui-*.tar.gz; do
+  [ -f "$tarball" ] || continue
+  newer_host "$tarball" || FAILED_TIERS+=("provisioning $(basename "$tarball")")
+done
+# the comfy tier of the default host last, so the run closes on the summary of the largest tier
+run_tier "comfy tier (ComfyUI $(host_version "$HOST"))" pytest_in "$VENV" -m "comfy and not gpu" -q
+finish_tiers

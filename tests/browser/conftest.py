@@ -6,6 +6,7 @@ tier skips, with the reason, only when Chromium or the playwright package is not
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,7 +50,10 @@ def browser_models_dir(tmp_path_factory, comfy_host) -> Path:
 
 @pytest.fixture(scope="session")
 def browser_server(playwright_driver, comfy_host, browser_models_dir):
-    with ComfyServer(comfy_host, extra_models=browser_models_dir) as running:
+    # VELOX_FRONT_END_ROOT serves another frontend build (scripts/test.sh: the newest on PyPI).
+    front_end = os.environ.get("VELOX_FRONT_END_ROOT")
+    extra = ["--front-end-root", front_end] if front_end else []
+    with ComfyServer(comfy_host, extra_models=browser_models_dir, extra_args=extra) as running:
         yield running
 
 

@@ -116,3 +116,19 @@ def test_compare_prompt_accepts_renumbered_node_ids():
                 node["inputs"][field] = [shift[value[0]], value[1]]
         renumbered[shift[node_id]] = node
     assert compare_prompt("renumbered", renumbered, twin) == []
+
+
+def test_compare_prompt_tolerates_only_the_listed_frontend_inputs_of_core_nodes():
+    twin = load_api_twin("wan22_reward_lora_blend")
+    preview = next(node_id for node_id, node in twin.items() if node["class_type"] == "PreviewAny")
+    newer = copy.deepcopy(twin)
+    del newer[preview]["inputs"]["preview"]  # frontend 1.58 no longer serializes it
+    newer[preview]["inputs"]["previewMode"] = False  # frontend 1.35 adds it
+    assert compare_prompt("newer frontend", newer, twin) == []
+
+    velox = next(node_id for node_id, node in twin.items() if node["class_type"].startswith("Velox"))
+    newer[velox]["inputs"]["previewMode"] = False
+    newer[preview]["inputs"]["source_extra"] = 1
+    problems = compare_prompt("newer frontend", newer, twin)
+    assert len(problems) == 2, problems
+    assert lines_naming(problems, f"node {velox}", "'previewMode'") and lines_naming(problems, "'source_extra'")
