@@ -25,7 +25,15 @@ import comfy.weight_adapter as weight_adapter
 import torch
 
 from ..loaders.lora_keys import LoraTarget, resolve_lora_keys
-from .lora_stack import UNET_PREFIX, ModelLoraContext, StackItem, check_adapter, check_family, read_lora
+from .lora_stack import (
+    UNET_PREFIX,
+    ModelLoraContext,
+    StackItem,
+    check_adapter,
+    check_family,
+    matches_nothing,
+    read_lora,
+)
 
 
 @dataclass
@@ -101,6 +109,8 @@ def collect_deltas(patcher, items: Sequence[StackItem], strengths: Sequence[floa
         if resolved.unmatched:
             report.unmatched[item.label] = sorted(resolved.unmatched)
         patches = comfy.lora.load_lora(resolved.tensors, resolved.core_key_map(), log_missing=False)
+        if not patches:  # text-encoder keys included: a bake keeps only the diffusion model's layers
+            raise matches_nothing(item.label, lora, context.family)
         for core_key, adapter in patches.items():
             key, offset = (core_key, None) if isinstance(core_key, str) else (core_key[0], core_key[1])
             shape = context.weight_shape(key)

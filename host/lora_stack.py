@@ -11,7 +11,8 @@ Per LoRA, in stack order:
    quantized layers (modules with a ``velox_lowrank`` attribute): a ``LowRankSide`` attached as an
    object patch, the LoRA never merged into the packed weight; parameters that core's loader never
    patches (those of non-leaf modules, e.g. Wan's ``blocks.N.modulation``): an ON_LOAD callback;
-6. keys that match nothing are counted and named in the log and in the returned report.
+6. keys that match nothing are counted and named in the log and in the returned report; a LoRA
+   none of whose keys lands anywhere is refused (``matches_nothing``), never a silent no-op.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 from comfy.patcher_extension import CallbacksMP
 
 from ..errors import VeloxLoadError
-from ..loaders.lora_detect import FAMILY_NAMES, lora_family, model_family
+from ..loaders.lora_detect import FAMILY_NAMES, keys_of_no_family, lora_family, model_family
 from ..loaders.lora_keys import (
     LORA_EXPECTED,
     LoraTarget,
@@ -40,6 +41,7 @@ from ..loaders.lora_keys import (
     is_text_encoder_key,
     module_aliases,
     read_lora_file,
+    read_lora_keys,
     resolve_lora_keys,
     split_lora_key,
 )
@@ -150,9 +152,33 @@ class ModelLoraContext:
 def check_family(lora: Mapping[str, torch.Tensor], context: ModelLoraContext, name: str) -> str | None:
     family = lora_family(lora.keys())
     if family is not None and context.family is not None and family != context.family:
-        raise VeloxLoadError(name, f"is a {FAMILY_NAMES[family]} LoRA (from its key names) but the model is "
-                             f"{FAMILY_NAMES[context.family]}", f"a LoRA trained for {FAMILY_NAMES[context.family]}")
+        raise _wrong_family(name, family, context.family, "the model")
     return family
+
+
+def _wrong_family(name: str, found: str, wanted: str, target: str) -> VeloxLoadError:
+    return VeloxLoadError(name, f"is a {FAMILY_NAMES[found]} LoRA (from its key names) but {target} is "
+                          f"{FAMILY_NAMES[wanted]}", f"a LoRA trained for {FAMILY_NAMES[wanted]}")
+
+
+def matches_nothing(name: str, keys, family: str | None) -> VeloxLoadError:
+    """The refusal of a LoRA none of whose keys lands on the model: applied, it would change nothing
+    while the run looks as if it had worked, so it is never a silent no-op."""
+    expected = f"a {FAMILY_NAMES[family]} LoRA" if family else "a LoRA"
+    return VeloxLoadError(name, f"changes nothing, refused: {describe_unmatched(keys)}",
+                          f"{expected} whose keys name this model's layers")
+
+
+def check_lora_file_family(path: str | Path, family: str, name: str) -> None:
+    """Refuse a LoRA file that is not for ``family`` before any model is at hand (the reward presets),
+    from its checked header alone; a file of no known family has its unknown keys named."""
+    keys = read_lora_keys(path)
+    found = lora_family(keys)
+    if found is None:
+        unknown = describe_unmatched(keys_of_no_family(keys) or keys, target="layer of any model family Velox knows")
+        raise VeloxLoadError(name, f"changes nothing, refused: {unknown}", f"a {FAMILY_NAMES[family]} LoRA")
+    if found != family:
+        raise _wrong_family(name, found, family, "this node")
 
 
 def _target_numel(target: LoraTarget, weight_shape: tuple[int, ...]) -> int:
@@ -213,6 +239,8 @@ def apply_lora_to_model(patcher, lora: Mapping[str, torch.Tensor], strength: flo
     report.unmatched = list(resolved.unmatched)
     _check_pairs(name, resolved.tensors)
     patches = comfy.lora.load_lora(resolved.tensors, resolved.core_key_map(), log_missing=False)
+    if not patches and not resolved.text_encoder:  # text-encoder keys may still patch a CLIP
+        raise matches_nothing(name, lora, context.family)
     loaded_targets = {k if isinstance(k, str) else k[0] for k in patches}
     for lookup_id, target in resolved.modules.items():
         bias_key = target.weight_key.removesuffix(".weight") + ".bias"

@@ -9,7 +9,7 @@ A choice is one of:
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Callable
 
 import folder_paths
@@ -53,8 +53,17 @@ def model_choices(folder_key: str, is_model_folder: Callable[[Path], bool],
     return files + folders + cached
 
 
+def _leaves_model_folder(choice: str) -> bool:
+    """A dropdown value is relative to a model folder: an absolute path or a '..' would name a place
+    outside it (core maps such file names back inside; a folder name it never sees)."""
+    path = PureWindowsPath(choice)  # splits at both separators; "/x", "C:x" and UNC shares have an anchor
+    return bool(path.anchor) or ".." in path.parts
+
+
 def resolve_model_choice(folder_key: str, choice: str) -> Path:
     """The file or folder a dropdown value names; a clear error when it is gone."""
+    if _leaves_model_folder(choice):
+        raise VeloxLoadError(choice, f"the name {choice!r} leaves models/{folder_key}", "a name the loader lists")
     if choice.startswith(HF_CACHE_PREFIX):
         return resolve_hf_cache_repo(choice[len(HF_CACHE_PREFIX):])
     if choice.endswith("/"):

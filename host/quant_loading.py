@@ -27,7 +27,7 @@ from gguf import GGMLQuantizationType as Q
 
 from ..errors import VeloxLoadError
 from ..kernels.fp8_linear import FP8_DTYPE
-from ..loaders.checkpoint_files import read_component, read_safetensors_header
+from ..loaders.checkpoint_files import read_component, read_safetensors_metadata, sibling_config
 from .quant_tensor import PackedWeight, per_channel_scale
 
 GGUF_SUFFIX = ".gguf"
@@ -66,11 +66,12 @@ def is_gguf(path: str | Path) -> bool:
 def read_weights(path: str | Path, component: str = "transformer") -> tuple[Weights, dict | None]:
     """A checkpoint (GGUF, safetensors, safe pickle, diffusers folder) -> (weights, diffusers config).
 
+    The config is the folder's config.json, or the one next to a file (``sibling_config``).
     Quantized weights of every on-disk form come back as ``PackedWeight``.
     """
     path = Path(path)
     if is_gguf(path):
-        return read_gguf_weights(path), None
+        return read_gguf_weights(path), sibling_config(path)
     state_dict, config = read_component(path, component)
     return fold_quantized_layers(state_dict, _safetensors_metadata(path), path), config
 
@@ -91,9 +92,8 @@ def read_gguf_weights(path: str | Path) -> Weights:
 
 
 def _safetensors_metadata(path: Path) -> dict:
-    if path.is_file() and path.suffix == ".safetensors":
-        return read_safetensors_header(path).get("__metadata__") or {}
-    return {}
+    """A single safetensors file's metadata (ComfyUI's per-layer quantization); {} for the rest."""
+    return read_safetensors_metadata(path) if path.is_file() and path.suffix == ".safetensors" else {}
 
 
 def has_quantized_layers(weights: Mapping[str, object]) -> bool:

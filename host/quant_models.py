@@ -20,7 +20,8 @@ import torch
 
 from ..errors import VeloxLoadError
 from ..loaders.sana_detect import sniff_sana
-from ..loaders.wan_detect import sniff_wan
+from ..loaders.state_dict_fit import load_into
+from ..loaders.wan_detect import sniff_wan, wan_core_config
 from .quant_loading import (
     NEVER_QUANTIZE,
     Weights,
@@ -58,10 +59,7 @@ def _load_checked(module: torch.nn.Module, state_dict: Weights, path, what: str)
     state_dict = {k: v.dequantize(torch.float32) if isinstance(v, PackedWeight)
                   and not (k.endswith(".weight") and k[: -len(".weight")] in linears) else v
                   for k, v in state_dict.items()}
-    try:
-        missing, unexpected = module.load_state_dict(dict(state_dict), strict=False)
-    except RuntimeError as error:
-        raise VeloxLoadError(path, f"weights do not fit {what}: {str(error)[:300]}", f"a complete {what}") from None
+    missing, unexpected = load_into(module, state_dict, path, what)
     unfilled = [name for name, p in module.named_parameters() if p.is_meta]
     if missing or unexpected or unfilled:
         raise VeloxLoadError(path, f"weights do not fit {what} (missing {(missing or unfilled)[:4]}, "
@@ -118,10 +116,10 @@ def _gguf_sana_config(path: str | Path | None):
 
 
 def build_quantized_wan(weights: Weights, path: str | Path | None = None, dtype: torch.dtype | None = None,
-                        quantization: str = "none", compute: str = "dequant") -> comfy.model_patcher.ModelPatcher:
-    """Wan (core's WanModel / VaceWanModel) from weights that may hold ``PackedWeight`` records."""
-    from .wan_loading import wan_text_dim
-
+                        quantization: str = "none", compute: str = "dequant",
+                        diffusers_config: dict | None = None) -> comfy.model_patcher.ModelPatcher:
+    """Wan (core's WanModel / VaceWanModel) from weights that may hold ``PackedWeight`` records;
+    ``diffusers_config`` (its config.json) gives the head count, which the weights do not show."""
     weights = densify_non_matrices(weights)
     view, lookup = detection_view(weights)
     variant, canonical = sniff_wan(view, path)
@@ -129,7 +127,7 @@ def build_quantized_wan(weights: Weights, path: str | Path | None = None, dtype:
     model_config = comfy.model_detection.model_config_from_unet(dict(canonical), "")
     if model_config is None:
         raise VeloxLoadError(path, f"ComfyUI could not build {variant.describe()}", "a Wan transformer core knows")
-    model_config.unet_config["text_dim"] = wan_text_dim(canonical)
+    model_config.unet_config.update(wan_core_config(canonical, diffusers_config, path))
     load_device, offload_device = _devices()
     dtype = _inference_dtypes(model_config, canonical, dtype, load_device)
     model_config.custom_operations = make_quant_operations(quantization, compute, NEVER_QUANTIZE["wan"],

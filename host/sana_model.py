@@ -21,6 +21,7 @@ import torch
 
 from ..errors import VeloxLoadError
 from ..loaders.sana_detect import sniff_sana
+from ..loaders.state_dict_fit import load_into
 from ..models.sana import SanaConfig, SanaTransformer
 
 SANA_SCALE_FACTOR = 0.41407  # DC-AE f32c32 latent scale (Sana 1.0 / 1.1 configs)
@@ -102,7 +103,7 @@ def _unet_config(config: SanaConfig) -> dict:
 
 def _load_strict(module: torch.nn.Module, state_dict: dict, path: str | None) -> None:
     """Every parameter must come from the file: a partial Sana would sample garbage silently."""
-    missing, unexpected = module.load_state_dict(state_dict, strict=False, assign=False)
+    missing, unexpected = load_into(module, state_dict, path, "the detected Sana config")
     if missing or unexpected:
         raise VeloxLoadError(path, f"weights do not fit the detected Sana config (missing {missing[:4]}, "
                              f"unexpected {unexpected[:4]})", "a complete Sana transformer checkpoint")

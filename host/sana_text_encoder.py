@@ -40,6 +40,7 @@ from comfy import sd1_clip
 from comfy.text_encoders import llama
 
 from ..errors import VeloxLoadError
+from ..loaders.checkpoint_files import load_state_dict, read_safetensors_metadata
 from ..loaders.sana_text import (  # noqa: F401  (re-exported: the text-encoder API)
     GEMMA2_2B_CONFIG,
     GEMMA2_CONFIG_METADATA_KEY,
@@ -48,6 +49,9 @@ from ..loaders.sana_text import (  # noqa: F401  (re-exported: the text-encoder 
     TOKENIZER_JSON_KEY,
 )
 
+# a transformers folder's weights, most preferred first
+HF_WEIGHT_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "model.safetensors",
+                   "pytorch_model.bin")
 TOKENS_KEY = "gemma2_2b"  # also the module name, so a saved CLIP has Lumina 2's key layout
 _SIGNATURE = "model.layers.0.post_feedforward_layernorm.weight"  # Gemma-2/3 only: the post-FFN norm
 _PREFIXES = ("", "gemma2_2b.transformer.", "text_encoders.gemma2_2b.transformer.")  # plain, ComfyUI CLIPSave
@@ -273,17 +277,15 @@ def gemma2_core_config(hf_config: dict, where) -> dict:
 
 
 def _read_single_file(path: Path) -> tuple[dict, dict, dict]:
-    try:
-        state_dict, metadata = comfy.utils.load_torch_file(str(path), safe_load=True, return_metadata=True)
-    except Exception as error:
-        raise VeloxLoadError(path, f"cannot be read ({error})", "a safetensors or .pt/.ckpt file") from error
+    # the pack's checked reader: a damaged or pickle-only file is refused by name, as by every loader
+    state_dict = load_state_dict(path)
+    metadata = read_safetensors_metadata(path) if path.suffix.lower() == ".safetensors" else {}
     spiece_model = state_dict.pop("spiece_model", None)
     state_dict = canonical_gemma2_keys(state_dict, path)
     if spiece_model is None:
         raise VeloxLoadError(path, "holds Gemma-2 weights but no tokenizer (no 'spiece_model' tensor)",
                              "ComfyUI's single-file Gemma, which embeds its SentencePiece model as "
                              "'spiece_model', or a Hugging Face folder with tokenizer.model or tokenizer.json")
-    metadata = metadata or {}
     hf_config = json.loads(metadata[GEMMA2_CONFIG_METADATA_KEY]) if GEMMA2_CONFIG_METADATA_KEY in metadata else {}
     return state_dict, hf_config, {"spiece_model": spiece_model}
 
@@ -299,18 +301,9 @@ def _read_tokenizer_files(folder: Path) -> dict:
 
 
 def _read_hf_weights(folder: Path) -> dict:
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (folder / index_name).is_file():
-            shards = sorted(set(json.loads((folder / index_name).read_text())["weight_map"].values()))
-            state_dict = {}
-            for shard in shards:
-                if not (folder / shard).is_file():
-                    raise VeloxLoadError(folder / shard, f"is listed in {index_name} but missing", "every shard")
-                state_dict.update(comfy.utils.load_torch_file(str(folder / shard), safe_load=True))
-            return state_dict
-    for name in ("model.safetensors", "pytorch_model.bin"):
+    for name in HF_WEIGHT_FILES:
         if (folder / name).is_file():
-            return comfy.utils.load_torch_file(str(folder / name), safe_load=True)
+            return load_state_dict(folder / name)  # an index loads its shards, each checked
     raise VeloxLoadError(folder, "has config.json but no weights",
                          "model.safetensors, or model.safetensors.index.json with its shards, or pytorch_model.bin")
 

@@ -29,6 +29,7 @@ import comfy.utils
 import torch
 
 from ..errors import VeloxLoadError
+from ..loaders.state_dict_fit import load_into
 from ..loaders.videocrafter_detect import (
     VideoCrafterVariant,
     detect_variant,
@@ -116,7 +117,7 @@ def build_videocrafter_model(parts: dict, variant: VideoCrafterVariant, path=Non
     manual_cast = comfy.model_management.unet_manual_cast(dtype, load_device, model_config.supported_inference_dtypes)
     model_config.set_inference_dtype(dtype, manual_cast)
     model = model_config.get_model(weights, device=offload_device)
-    missing, unexpected = model.diffusion_model.load_state_dict(weights, strict=False)
+    missing, unexpected = load_into(model.diffusion_model, weights, path, f"the detected {variant.name} UNet")
     if missing or unexpected:
         raise VeloxLoadError(path, f"weights do not fit the detected {variant.name} (missing {missing[:4]}, "
                              f"unexpected {unexpected[:4]})", "a complete VideoCrafter / DynamiCrafter checkpoint")

@@ -27,10 +27,12 @@ from ..errors import VeloxLoadError
 from ..loaders.checkpoint_files import (
     load_state_dict,
     read_component,
+    read_safetensors_header,
     resolve_diffusers_component,
     resolve_hf_cache_repo,
 )
-from ..loaders.wan_detect import WanVariant, sniff_wan
+from ..loaders.state_dict_fit import load_into
+from ..loaders.wan_detect import WanVariant, sniff_wan, wan_core_config
 from ..loaders.wan_vae_keys import canonicalize_wan_vae_state_dict
 from .model_paths import HF_CACHE_PREFIX
 from .quant_loading import has_quantized_layers, is_gguf, read_weights
@@ -40,7 +42,6 @@ EXPERT_FOLDER_PAIRS = (("transformer", "transformer_2"), ("high_noise_model", "l
 EXPERTS = ("high_noise", "low_noise")
 EXPERT_PAIR_EXPECTED = ("a Wan 2.2 A14B folder with transformer/ + transformer_2/ (diffusers) or "
                         "high_noise_model/ + low_noise_model/ (official)")
-CORE_TEXT_DIM = 4096  # what core's Wan detection assumes (umT5-XXL's width)
 # core's comfy/text_encoders/umt5_config_xxl.json, the part the shapes decide
 UMT5_XXL = {"d_model": 4096, "d_ff": 10240, "num_layers": 24, "num_heads": 64, "d_kv": 64, "vocab_size": 256384}
 UMT5_EXPECTED = ("umT5-XXL: ComfyUI's umt5_xxl_*.safetensors, or a diffusers folder with "
@@ -74,13 +75,14 @@ def load_wan_model(
     path = resolve_source(source)
     pair = _expert_folders(path)
     component = pair[EXPERTS.index(expert)] if pair else "transformer"
-    weights, _ = read_weights(path, component)
+    weights, config = read_weights(path, component)
     if quantization != "none" or has_quantized_layers(weights):
         from .quant_models import build_quantized_wan
 
-        return build_quantized_wan(weights, path, dtype, quantization, quant_compute)
+        return build_quantized_wan(weights, path, dtype, quantization, quant_compute, diffusers_config=config)
     variant, canonical = sniff_wan(weights, path)
-    return build_wan_model(canonical, variant, path, dtype=dtype, model_options=model_options)
+    return build_wan_model(canonical, variant, path, dtype=dtype, model_options=model_options,
+                           diffusers_config=config)
 
 
 def load_wan_experts(
@@ -92,14 +94,15 @@ def load_wan_experts(
     if pair is None:
         raise VeloxLoadError(folder, "holds one model, not a Wan 2.2 expert pair (no transformer_2/ or "
                              "low_noise_model/ folder)", EXPERT_PAIR_EXPECTED)
+    (high_sd, high_config), (low_sd, low_config) = [read_component(folder, component) for component in pair]
     (high_variant, high_sd), (low_variant, low_sd) = [
-        sniff_wan(_read_transformer(folder, component), folder / component) for component in pair]
+        sniff_wan(weights, folder / component) for weights, component in zip((high_sd, low_sd), pair)]
     if not high_variant.same_architecture(low_variant):
         raise VeloxLoadError(folder, f"the two experts differ: {pair[0]}/ is {high_variant.describe()}, "
                              f"{pair[1]}/ is {low_variant.describe()}",
                              "two experts of one Wan 2.2 model (same size and input channels)")
-    return (build_wan_model(high_sd, high_variant, folder / pair[0], dtype, model_options),
-            build_wan_model(low_sd, low_variant, folder / pair[1], dtype, model_options))
+    return (build_wan_model(high_sd, high_variant, folder / pair[0], dtype, model_options, high_config),
+            build_wan_model(low_sd, low_variant, folder / pair[1], dtype, model_options, low_config))
 
 
 def _expert_folders(path: Path) -> tuple[str, str] | None:
@@ -109,33 +112,26 @@ def _expert_folders(path: Path) -> tuple[str, str] | None:
     return next((pair for pair in EXPERT_FOLDER_PAIRS if all((path / name).is_dir() for name in pair)), None)
 
 
-def _read_transformer(path: Path, component: str) -> dict[str, torch.Tensor]:
-    return read_component(path, component)[0]
-
-
 def build_wan_model(
     state_dict: dict[str, torch.Tensor], variant: WanVariant, path: str | Path | None = None,
-    dtype: torch.dtype | None = None, model_options: dict | None = None,
+    dtype: torch.dtype | None = None, model_options: dict | None = None, diffusers_config: dict | None = None,
 ) -> comfy.model_patcher.ModelPatcher:
     """Canonical (official-name) Wan weights -> core's model, every parameter checked to be filled.
 
-    Core's detection fixes ``text_dim`` at umT5-XXL's 4096; a checkpoint made for another umT5 width
-    (the tiny demos) is built through core's own supported-model config with the width its weights
-    have (``_build_with_text_dim``): still core's WanModel, only the config differs.
+    Core's detection fixes ``text_dim`` (4096), ``freq_dim`` (256) and the head count (dim // 128);
+    the model is built through core's own supported-model config (WAN21_T2V / WAN21_I2V / WAN21_Vace /
+    ...) with those set as the weights, or their config.json, have them (``wan_core_config``): still
+    core's WanModel, only the config differs.
     """
     options = dict(model_options or {})
     if dtype is not None:
         options["dtype"] = dtype
-    keys = set(state_dict)
-    text_dim = wan_text_dim(state_dict)
-    if text_dim == CORE_TEXT_DIM:
-        patcher = comfy.sd.load_diffusion_model_state_dict(dict(state_dict), model_options=options)
-    else:
-        patcher = _build_with_text_dim(dict(state_dict), text_dim, options)
+    patcher = _build_on_core(dict(state_dict), wan_core_config(state_dict, diffusers_config, path), options,
+                             path, variant.describe())
     if patcher is None:
         raise VeloxLoadError(path, f"ComfyUI could not build {variant.describe()}", "a Wan transformer core knows")
     expected = set(patcher.model.diffusion_model.state_dict())
-    missing = sorted(expected - keys)
+    missing = sorted(expected - set(state_dict))
     if missing:
         raise VeloxLoadError(path, f"weights do not fill {variant.describe()}: {len(missing)} tensor(s) "
                              f"missing, e.g. {missing[:4]}", "a complete Wan transformer checkpoint")
@@ -143,21 +139,15 @@ def build_wan_model(
     return patcher
 
 
-def wan_text_dim(state_dict: Mapping[str, torch.Tensor]) -> int:
-    """The text-embedding input width (the umT5 d_model) of canonical Wan weights."""
-    weight = state_dict.get("text_embedding.0.weight")
-    return int(weight.shape[1]) if weight is not None else CORE_TEXT_DIM
-
-
-def _build_with_text_dim(
-    state_dict: dict[str, torch.Tensor], text_dim: int, options: dict
+def _build_on_core(
+    state_dict: dict[str, torch.Tensor], fields: dict[str, int], options: dict, path, what: str
 ) -> comfy.model_patcher.ModelPatcher | None:
     """What ``comfy.sd.load_diffusion_model_state_dict`` does for official names, with core's detected
-    supported-model config (WAN21_T2V / WAN21_I2V / WAN21_Vace / ...) told the real ``text_dim``."""
+    supported-model config told ``fields``; a tensor that does not fit is a VeloxLoadError."""
     model_config = comfy.model_detection.model_config_from_unet(state_dict, "")
     if model_config is None:
         return None
-    model_config.unet_config["text_dim"] = text_dim
+    model_config.unet_config.update(fields)
     load_device = comfy.model_management.get_torch_device()
     offload_device = comfy.model_management.unet_offload_device()
     supported = list(model_config.supported_inference_dtypes)
@@ -170,7 +160,8 @@ def _build_with_text_dim(
     if options.get("fp8_optimizations", False):
         model_config.optimizations["fp8"] = True
     model = model_config.get_model(state_dict, "").to(offload_device)
-    model.load_model_weights(state_dict, "")
+    load_into(model.diffusion_model, state_dict, path, what,
+              load=lambda: model.load_model_weights(dict(state_dict), ""))
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
 
@@ -225,11 +216,9 @@ def _umt5_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         files = list(resolve_diffusers_component(path, "text_encoder").weight_files)
     shapes: dict[str, tuple[int, ...]] = {}
     for file in files:
-        if str(file).endswith(".safetensors"):
-            from safetensors import safe_open
-
-            with safe_open(str(file), framework="pt") as handle:
-                shapes.update({k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()})
+        if str(file).endswith(".safetensors"):  # the checked header: a damaged file is refused by name
+            header = read_safetensors_header(file)
+            shapes.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
         else:
             shapes.update({k: tuple(v.shape) for k, v in load_state_dict(file).items()})
     return shapes

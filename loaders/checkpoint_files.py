@@ -24,6 +24,8 @@ SAFETENSORS_DTYPE_BYTES = {
     "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1,
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
+# every loader refuses a checkpoint that only a code-running unpickler can load with these words
+PICKLE_ONLY_REFUSED = "pickle-only checkpoint, refused; convert to safetensors"
 # Weight files of one diffusers component, most preferred first.
 DIFFUSERS_WEIGHT_NAMES = (
     "diffusion_pytorch_model.safetensors.index.json",
@@ -122,6 +124,11 @@ def _corrupt(path: Path, detail: str) -> VeloxLoadError:
                           "a complete .safetensors file (download it again)")
 
 
+def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file (header checked first); {} when it has none."""
+    return read_safetensors_header(path).get("__metadata__") or {}
+
+
 def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of one .safetensors file, header validated first."""
     from safetensors import SafetensorError
@@ -185,14 +192,11 @@ def load_weights_only_pickle(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _pickle_error(path: Path, message: str) -> VeloxLoadError:
-    """Tell "stores Python objects" (needs unsafe pickle) apart from "not a checkpoint at all"."""
+    """Tell "stores Python objects" (needs unsafe pickle) apart from "not a checkpoint at all"; the
+    first in the pack's own words, never PyTorch's multi-line ``weights_only`` advice."""
     unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", message)
     if unsafe:
-        return VeloxLoadError(
-            path, f"needs unsafe pickle to load (it stores the Python object {unsafe.group(1)}); "
-            "Velox only loads weights-only checkpoints",
-            "a .safetensors file, or a .pth holding only tensors (convert it where you trust it)",
-        )
+        return VeloxLoadError(path, f"{PICKLE_ONLY_REFUSED} (it stores the Python object {unsafe.group(1)})")
     detail = re.search(r"WeightsUnpickler error:\s*(.+)", message)
     return VeloxLoadError(
         path, f"truncated or corrupt checkpoint, or one that needs unsafe pickle "
@@ -233,13 +237,31 @@ class ComponentFiles:
 
     def config(self) -> dict:
         """config.json as a dict ({} when absent)."""
-        if self.config_path is None:
-            return {}
-        try:
-            return json.loads(self.config_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise VeloxLoadError(self.config_path, f"corrupt config.json ({error})",
-                                 "a JSON object") from None
+        return {} if self.config_path is None else _read_config(self.config_path)
+
+
+def _read_config(config_path: Path) -> dict:
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise VeloxLoadError(config_path, f"corrupt config.json ({error})", "a JSON object") from None
+    if not isinstance(config, dict):
+        raise VeloxLoadError(config_path, "config.json is not a JSON object", "a JSON object")
+    return config
+
+
+def sibling_config(path: str | Path) -> dict | None:
+    """The config.json of the component folder a weights file sits in, when there is one.
+
+    A file picked on its own from ``<pipeline>/transformer/`` (or an official folder) has lost the
+    facts only its config states (Sana's position embedding, Wan's head count); every family reads
+    them from here, as it would for the folder. Only a model config counts (diffusers writes
+    ``_class_name``): a stray config.json of something else in a models folder is ignored."""
+    config_path = Path(path).parent / "config.json"
+    if not config_path.is_file():
+        return None
+    config = _read_config(config_path)
+    return config if "_class_name" in config else None
 
 
 def resolve_diffusers_component(folder: str | Path, component: str = "transformer") -> ComponentFiles:
@@ -258,10 +280,11 @@ def resolve_diffusers_component(folder: str | Path, component: str = "transforme
 
 
 def read_component(path: str | Path, component: str) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """Tensors of a file, or of a diffusers folder's ``component`` (with its config.json)."""
+    """Tensors of a file, or of a diffusers folder's ``component``, with the config.json that
+    describes them (the folder's, or the one next to the file; None when there is none)."""
     path = Path(path)
     if not path.is_dir():
-        return load_state_dict(path), None
+        return load_state_dict(path), sibling_config(path)
     files = resolve_diffusers_component(path, component)
     state_dict: dict[str, torch.Tensor] = {}
     for weight_file in files.weight_files:

@@ -63,6 +63,17 @@ def lora_family(keys: Iterable[str]) -> str | None:
     return family_of_modules(modules)
 
 
+def keys_of_no_family(keys: Iterable[str]) -> list[str]:
+    """The diffusion keys of a LoRA file whose module no family's rules match (what to name when a
+    LoRA of no known family is refused)."""
+    unknown = []
+    for key in keys:
+        parts = split_lora_key(key)
+        if not is_text_encoder_key(key) and (parts is None or family_of_modules([parts[0]]) is None):
+            unknown.append(key)
+    return unknown
+
+
 def model_family(weight_keys: Iterable[str], prefix: str = "diffusion_model.") -> str | None:
     """The family of a model from its canonical state-dict keys (under ``prefix``)."""
     return family_of_modules(k[len(prefix):].removesuffix(".weight") for k in weight_keys if k.startswith(prefix))

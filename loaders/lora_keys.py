@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ..errors import VeloxLoadError
+from .checkpoint_files import load_safetensors, read_safetensors_header
 
 LORA_EXPECTED = "a LoRA .safetensors file (kohya, diffusers/peft, official, LyCORIS LoHa/LoKr or diff format)"
 
@@ -81,23 +82,33 @@ class LoraTarget:
         return self.weight_key if self.offset is None else (self.weight_key, self.offset)
 
 
-def read_lora_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a LoRA file; safetensors only (LoRAs are never pickles worth trusting)."""
-    path = Path(path)
+def _check_lora_path(path: Path) -> None:
     if path.suffix.lower() != ".safetensors":
         raise VeloxLoadError(path, f"is a {path.suffix or 'suffix-less'} file; Velox reads LoRAs only as "
                              "safetensors (pickled .pt/.ckpt/.bin LoRAs can run code)", LORA_EXPECTED)
     if not path.is_file():
         raise VeloxLoadError(path, "does not exist", LORA_EXPECTED)
-    from safetensors.torch import load_file
 
-    try:
-        state_dict = load_file(str(path))
-    except Exception as error:  # safetensors raises its own SafetensorError / OSError kinds
-        raise VeloxLoadError(path, f"is not a readable safetensors file ({str(error)[:160]})", LORA_EXPECTED) from None
+
+def read_lora_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a LoRA file; safetensors only (LoRAs are never pickles worth trusting), read
+    by the pack's checked reader so a damaged file is named like any other checkpoint."""
+    path = Path(path)
+    _check_lora_path(path)
+    state_dict = load_safetensors(path)
     if not state_dict:
         raise VeloxLoadError(path, "holds no tensors", LORA_EXPECTED)
     return state_dict
+
+
+def read_lora_keys(path: str | Path) -> list[str]:
+    """The tensor names of a LoRA file, from its checked header alone (no tensor is read)."""
+    path = Path(path)
+    _check_lora_path(path)
+    keys = [k for k in read_safetensors_header(path) if k != "__metadata__"]
+    if not keys:
+        raise VeloxLoadError(path, "holds no tensors", LORA_EXPECTED)
+    return keys
 
 
 def split_lora_key(key: str) -> tuple[str, str] | None:
@@ -238,8 +249,8 @@ def resolve_lora_keys(lora: Mapping[str, torch.Tensor], aliases: Mapping[str, Lo
     return resolved
 
 
-def describe_unmatched(keys: Iterable[str], shown: int = 4) -> str:
+def describe_unmatched(keys: Iterable[str], shown: int = 4, target: str = "module of this model") -> str:
     """``"3 LoRA key(s) match no module of this model: a, b, c"`` (count + the first few)."""
     keys = sorted(keys)
     more = f" (+{len(keys) - shown} more)" if len(keys) > shown else ""
-    return f"{len(keys)} LoRA key(s) match no module of this model: {', '.join(keys[:shown])}{more}"
+    return f"{len(keys)} LoRA key(s) match no {target}: {', '.join(keys[:shown])}{more}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import re
 from collections.abc import Mapping
@@ -19,7 +20,7 @@ import torch
 
 from ..errors import VeloxLoadError
 from ..models.sana import SANA_PRESETS, SanaConfig
-from .checkpoint_files import load_state_dict, resolve_diffusers_component, unwrap_state_dict
+from .checkpoint_files import read_component, unwrap_state_dict
 from .sana_keys import canonicalize_sana_state_dict, strip_sana_prefix
 
 DIFFUSERS_CLASS = "SanaTransformer2DModel"
@@ -44,6 +45,13 @@ FOREIGN_FAMILIES = (
 CROSS_HEADS_BY_WIDTH = {1152: 16, 2240: 20}  # widths of the releases; others get 32-channel heads
 FALLBACK_CROSS_HEAD_DIM = 32
 INTERPOLATION_BY_PE_SIZE = {64: 1.0, 128: 2.0}  # 2K, 4K (diffusers' conversion script)
+# diffusers computes the PE at run time and saves no buffer: its weights of a 1K, 2K and 4K 1.6B model
+# are alike, and only config.json (interpolation_scale, sample_size) tells them apart.
+PE_UNKNOWN_WARNING = (
+    "Velox: %s is a Sana transformer in diffusers layout without its config.json, so whether it uses a "
+    "position embedding (the 2K / 4K releases do) is not known; it loads without one. For a 2K / 4K "
+    "model keep the file next to its config.json (the diffusers transformer/ folder) or load the folder."
+)
 _POINT_CONV = re.compile(r"^blocks\.(\d+)\.mlp\.point_conv\.conv\.weight$")
 
 
@@ -64,9 +72,19 @@ def sniff_sana(
     check_is_sana(raw, path)
     state_dict = canonicalize_sana_state_dict(raw, path)
     detected = detect_sana_config(state_dict, pos_embed=raw.get("pos_embed"), path=path)
+    diffusers_config = _sana_config_only(diffusers_config)
     if config is None and diffusers_config is not None:
         config = config_from_diffusers(diffusers_config)
+    if config is None and "pos_embed" not in raw:
+        logging.warning(PE_UNKNOWN_WARNING, Path(path).name if path else "<state dict>")
     return (detected if config is None else _reconcile(config, detected, path)), state_dict
+
+
+def _sana_config_only(diffusers_config: Mapping | None) -> Mapping | None:
+    """A config.json of another model class says nothing about these weights (which are Sana's)."""
+    if diffusers_config is None or diffusers_config.get("_class_name", DIFFUSERS_CLASS) != DIFFUSERS_CLASS:
+        return None
+    return diffusers_config
 
 
 def check_is_sana(state_dict: Mapping[str, torch.Tensor], path: str | Path | None = None) -> None:
@@ -215,26 +233,8 @@ def load_sana_checkpoint(
 
     ``config`` (e.g. a preset picked by the user) overrides detection where shapes are silent.
     """
-    path = Path(path)
-    if path.is_dir():
-        component = resolve_diffusers_component(path, "transformer")
-        raw: dict[str, torch.Tensor] = {}
-        for file in component.weight_files:
-            raw.update(load_state_dict(file))
-        return sniff_sana(raw, path, component.config() or None, config)
-    return sniff_sana(load_state_dict(path), path, _sibling_diffusers_config(path), config)
-
-
-def _sibling_diffusers_config(path: Path) -> dict | None:
-    """The config.json next to a file of a diffusers transformer folder, if it is Sana's."""
-    config_path = path.parent / "config.json"
-    if not config_path.is_file():
-        return None
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return config if isinstance(config, dict) and config.get("_class_name") == DIFFUSERS_CLASS else None
+    raw, diffusers_config = read_component(path, "transformer")
+    return sniff_sana(raw, path, diffusers_config, config)
 
 
 def is_sana_diffusers_folder(folder: str | Path) -> bool:

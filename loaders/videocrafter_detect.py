@@ -29,7 +29,7 @@ import torch
 
 from ..errors import VeloxLoadError
 from ..models.resampler import ResamplerConfig
-from ..models.unet3d import UNet3DConfig
+from ..models.unet3d import INIT_ATTN_HEADS, UNet3DConfig
 from ..sampling.videocrafter_ddim import VideoDiffusionSchedule
 
 PREFIXES = {  # component -> key prefix in a release checkpoint
@@ -149,9 +149,7 @@ def refuse_foreign(state_dict: Mapping[str, torch.Tensor], path: str | Path | No
 
 
 def unet_config_from_keys(unet: Mapping[str, torch.Tensor], path=None, num_head_channels: int = 64) -> UNet3DConfig:
-    """Structure from keys and shapes. Head width is not in the weights: 64 in every release
-    (``num_head_channels``), capped at model_channels for narrower (demo) UNets; VideoCrafter 1's
-    relative-position tables carry it and win."""
+    """Structure from keys and shapes, head width included (``head_width_from_keys``)."""
     stem = unet[UNET_MARKER]
     model_channels, in_channels = int(stem.shape[0]), int(stem.shape[1])
     blocks = sorted({int(m.group(1)) for k in unet if (m := re.match(r"input_blocks\.(\d+)\.", k))})
@@ -169,7 +167,7 @@ def unet_config_from_keys(unet: Mapping[str, torch.Tensor], path=None, num_head_
     return UNet3DConfig(
         in_channels=in_channels, out_channels=int(unet["out.2.weight"].shape[0]), model_channels=model_channels,
         channel_mult=tuple(mult), num_res_blocks=per_level, attention_resolutions=tuple(sorted(attention)),
-        num_head_channels=int(table.shape[1]) if table is not None else min(num_head_channels, model_channels),
+        num_head_channels=head_width_from_keys(unet, path, min(num_head_channels, model_channels)),
         transformer_depth=len({k.split(".transformer_blocks.")[1].split(".")[0]
                                for k in unet if k.startswith("input_blocks.1.1.transformer_blocks.")}) or 1,
         context_dim=int(context.shape[1]),
@@ -181,6 +179,43 @@ def unet_config_from_keys(unet: Mapping[str, torch.Tensor], path=None, num_head_
         image_cross_attention=any(k.endswith("attn2.to_k_ip.weight") for k in unet),
         image_cross_attention_scale_learnable=any(k.endswith("attn2.alpha") for k in unet),
     )
+
+
+def head_width_from_keys(unet: Mapping[str, torch.Tensor], path=None, fallback: int = 64) -> int:
+    """The attention head width (lvdm ``num_head_channels``), checked against every attention layer.
+
+    Carried by VideoCrafter 1's relative-position tables, (2L+1, head width), and by ``init_attn``,
+    lvdm's TemporalTransformer(model_channels, n_heads=8, d_head=num_head_channels): its 1x1-conv
+    ``proj_in`` has 8 x head-width rows. A UNet with neither (no release lacks both) does not show it:
+    its attention layers are ``ch // width`` heads of ``width`` channels, which for ``width`` dividing
+    every ``ch`` is ``ch`` channels whatever ``width`` is; ``fallback`` (64, the releases' width,
+    capped at model_channels) is then taken."""
+    table = next((v for k, v in unet.items() if k.endswith("relative_position_k.embeddings_table")), None)
+    init_proj = unet.get("init_attn.0.proj_in.weight")
+    if table is not None:
+        width = int(table.shape[1])
+    elif init_proj is not None:
+        width = int(init_proj.shape[0]) // INIT_ATTN_HEADS
+    else:
+        width = fallback
+    _check_head_width(unet, width, path)
+    return width
+
+
+def _check_head_width(unet: Mapping[str, torch.Tensor], width: int, path) -> None:
+    """lvdm builds ``ch // width`` heads of ``width`` channels at each attention level: every
+    transformer's ``proj_in`` must be (heads x width, ch); refuse a UNet that no head width builds."""
+    init_proj = unet.get("init_attn.0.proj_in.weight")
+    checks = [("init_attn.0.proj_in.weight", (INIT_ATTN_HEADS * width, *init_proj.shape[1:]))] if (
+        init_proj is not None) else []
+    for key, weight in unet.items():
+        if key.endswith(".proj_in.weight") and not key.startswith("init_attn."):
+            channels = int(weight.shape[1])
+            checks.append((key, ((channels // max(width, 1)) * width, *weight.shape[1:])))
+    for key, wanted in checks:
+        if width < 1 or tuple(unet[key].shape) != wanted:
+            raise VeloxLoadError(path, f"tensor {key} has shape {list(unet[key].shape)}, a UNet of {width}-channel "
+                                 f"attention heads needs {list(wanted)}", EXPECTED)
 
 
 def variant_key(config: UNet3DConfig, name_hint: str = "") -> str:

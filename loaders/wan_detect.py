@@ -39,6 +39,8 @@ FOREIGN_FAMILIES = (
     ("embed_tokens.weight", "a language model (text encoder)"),
     ("encoder.stages.", "a DC-AE autoencoder"),
 )
+# config.json's head count: diffusers (WanTransformer3DModel), official (WanModel)
+CONFIG_HEAD_KEYS = ("num_attention_heads", "num_heads")
 # hidden width -> the release it belongs to
 SIZE_BY_DIM = {1536: "1.3B", 3072: "5B", 5120: "14B"}
 IMAGE_LATENT_IN_DIM = 36  # 16 noise + 4 mask + 16 image-latent channels
@@ -138,3 +140,40 @@ def _variant_name(kind: str, size: str) -> str:
 
 def _count_blocks(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
     return len({key[len(prefix):].split(".", 1)[0] for key in state_dict if key.startswith(prefix)})
+
+
+# ----------------------------------------------------------------------------------------------
+# what core's detection fixes but the weights (or their config.json) decide
+# ----------------------------------------------------------------------------------------------
+
+
+def wan_core_config(state_dict: Mapping[str, torch.Tensor], model_config: Mapping | None = None,
+                    path: str | Path | None = None) -> dict[str, int]:
+    """Fields of core's Wan ``unet_config`` that its detection sets to the releases' values
+    (text_dim 4096, freq_dim 256, num_heads dim // 128), as these canonical weights have them.
+
+    text_dim and freq_dim are the in-features of ``text_embedding.0`` and ``time_embedding.0``.
+    The head count is not in the weights: q / k / v / o are (dim, dim) and ``norm_q`` / ``norm_k``
+    RMS-normalise all heads at once (weight (dim,)), so only a config.json (the folder's, or the one
+    next to the file) can say it; without one core's dim // 128 stands."""
+    fields = {key: int(state_dict[tensor].shape[1]) for key, tensor in
+              (("text_dim", "text_embedding.0.weight"), ("freq_dim", "time_embedding.0.weight"))
+              if tensor in state_dict}
+    dim = int(state_dict["head.modulation"].shape[-1])
+    heads = _config_heads(model_config, dim, path)
+    if heads is not None:
+        fields["num_heads"] = heads
+    return fields
+
+
+def _config_heads(model_config: Mapping | None, dim: int, path: str | Path | None) -> int | None:
+    model_config = model_config or {}
+    heads = next((model_config[k] for k in CONFIG_HEAD_KEYS if k in model_config), None)
+    if heads is None:
+        return None
+    valid = isinstance(heads, int) and heads >= 1
+    head_dim = model_config.get("attention_head_dim", dim // heads if valid else None)
+    if not valid or heads * head_dim != dim:
+        raise VeloxLoadError(path, f"its config.json gives {heads} heads of {head_dim} channels for a "
+                             f"transformer {dim} wide", "a config.json written for these weights")
+    return heads

@@ -23,6 +23,7 @@ from ..host.lora_presets import (
     expert_warnings,
     reward_preset_entries,
 )
+from .queue_validation import VeloxNode
 
 CATEGORY = "Velox/LoRA"
 SLOTS = 4
@@ -66,7 +67,7 @@ def _with_warnings(text: str, warnings: list[str]) -> str:
     return "\n".join([text, *(f"WARNING: {w}" for w in warnings)])
 
 
-class VeloxLoraStack(io.ComfyNode):
+class VeloxLoraStack(VeloxNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         slots = []
@@ -103,7 +104,7 @@ class VeloxLoraStack(io.ComfyNode):
         return io.NodeOutput(model, clip, entries, text, ui=ui.PreviewText(text))
 
 
-class VeloxWanExpertLoraStack(io.ComfyNode):
+class VeloxWanExpertLoraStack(VeloxNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         slots = []
@@ -138,7 +139,7 @@ class VeloxWanExpertLoraStack(io.ComfyNode):
         return io.NodeOutput(high, low, entries, text, ui=ui.PreviewText(text))
 
 
-class VeloxWanRewardLoras(io.ComfyNode):
+class VeloxWanRewardLoras(VeloxNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -163,16 +164,16 @@ class VeloxWanRewardLoras(io.ComfyNode):
 
     @classmethod
     def execute(cls, preset, mps_weight, strength_high, strength_low, lora_stack=None) -> io.NodeOutput:
-        from ..host.lora_stack import lora_path
+        from ..host.lora_stack import check_lora_file_family, lora_path
 
         entries = reward_preset_entries(preset, mps_weight, strength_high, strength_low)
-        for entry in entries:
-            lora_path(entry.lora_name)  # a missing release file is named now, not at sampling
+        for entry in entries:  # a missing or foreign release file is named now, not at sampling
+            check_lora_file_family(lora_path(entry.lora_name), "wan", entry.lora_name)
         text = _with_warnings("reward LoRAs: " + "; ".join(e.describe() for e in entries), expert_warnings(entries))
         return io.NodeOutput([*(lora_stack or []), *entries], text, ui=ui.PreviewText(text))
 
 
-class VeloxLoraBake(io.ComfyNode):
+class VeloxLoraBake(VeloxNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -16,6 +16,7 @@ from ..host.sana_sprint import is_sprint_model, sample_single_pass, sprint_sigma
 from ..sampling.flow_schedules import FLOW_SCHEDULES
 from ..sampling.presets import CUSTOM, PRESET_CHOICES, SAMPLING_PRESETS, preset_help
 from ..sampling.trigflow import TRIGFLOW
+from .queue_validation import VeloxNode
 
 CATEGORY = "Velox/sampling"
 
@@ -27,7 +28,7 @@ def _settings(preset: str, steps: int, cfg: float, sampler_name: str, scheduler:
     return p.steps, p.cfg, p.sampler, p.scheduler, p.shift
 
 
-class VeloxSampler(io.ComfyNode):
+class VeloxSampler(VeloxNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -93,7 +94,7 @@ class VeloxSampler(io.ComfyNode):
         return io.NodeOutput(out)
 
 
-class FlowDPMSolverSampler(io.ComfyNode):
+class FlowDPMSolverSampler(VeloxNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -111,7 +112,7 @@ class FlowDPMSolverSampler(io.ComfyNode):
         return io.NodeOutput(sampler_object("flow_dpm_solver"))
 
 
-class FlowSigmas(io.ComfyNode):
+class FlowSigmas(VeloxNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -7,11 +7,12 @@ from comfy_api.latest import io
 from ..host.sana_pag import AUTO_LAYER, with_sana_pag
 from ..host.sana_sprint import trigflow_sampler
 from ..sampling.trigflow import trigflow_sigmas
+from .queue_validation import VeloxNode
 
 CATEGORY = "Velox/Sana"
 
 
-class SanaPAG(io.ComfyNode):
+class SanaPAG(VeloxNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -37,7 +38,7 @@ class SanaPAG(io.ComfyNode):
         return io.NodeOutput(with_sana_pag(model, scale, layer))
 
 
-class TrigFlowSampler(io.ComfyNode):
+class TrigFlowSampler(VeloxNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -56,7 +57,7 @@ class TrigFlowSampler(io.ComfyNode):
         return io.NodeOutput(trigflow_sampler())
 
 
-class TrigFlowSigmas(io.ComfyNode):
+class TrigFlowSigmas(VeloxNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

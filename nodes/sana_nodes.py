@@ -12,6 +12,7 @@ from comfy_api.latest import io
 
 from ..host.model_paths import model_choices, resolve_model_choice
 from ..host.quant_inputs import quantization_inputs
+from .queue_validation import VeloxNode
 
 CATEGORY = "Velox/Sana"
 DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -36,7 +37,7 @@ def _is_dcae_folder(path) -> bool:
     )
 
 
-class SanaModelLoader(io.ComfyNode):
+class SanaModelLoader(VeloxNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -75,7 +76,7 @@ class SanaModelLoader(io.ComfyNode):
         return io.NodeOutput(model)
 
 
-class GemmaLoader(io.ComfyNode):
+class GemmaLoader(VeloxNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -104,7 +105,7 @@ class GemmaLoader(io.ComfyNode):
         return io.NodeOutput(load_gemma(path, cpu=device == "cpu"))
 
 
-class SanaTextEncode(io.ComfyNode):
+class SanaTextEncode(VeloxNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -131,7 +132,7 @@ class SanaTextEncode(io.ComfyNode):
         return io.NodeOutput(clip.encode_from_tokens_scheduled(tokens))
 
 
-class DCAELoader(io.ComfyNode):
+class DCAELoader(VeloxNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -154,7 +155,7 @@ class DCAELoader(io.ComfyNode):
         return io.NodeOutput(load_dcae(resolve_model_choice("vae", vae_name)))
 
 
-class EmptySanaLatent(io.ComfyNode):
+class EmptySanaLatent(VeloxNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -173,18 +174,14 @@ class EmptySanaLatent(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, width, height, batch_size):
-        for name, value in (("width", width), ("height", height)):
-            if value % 32:
-                return (f"VeloxEmptySanaLatent: {name} {value} is not a multiple of 32 (DC-AE works on "
-                        f"32-pixel cells); use {value // 32 * 32} or {value // 32 * 32 + 32}")
-        return True
+    def value_problems(cls, values: dict) -> list[str]:
+        return [f"{name} {value} is not a multiple of 32 (DC-AE works on 32-pixel cells); use "
+                f"{value // 32 * 32} or {value // 32 * 32 + 32}"
+                for name, value in values.items() if name in ("width", "height") and isinstance(value, int) and value % 32]
 
     @classmethod
     def execute(cls, width, height, batch_size) -> io.NodeOutput:
-        message = cls.validate_inputs(width, height, batch_size)
-        if message is not True:
-            raise ValueError(message)
+        cls.check_values(width=width, height=height, batch_size=batch_size)
         device = comfy.model_management.intermediate_device()
         latent = torch.zeros([batch_size, 32, height // 32, width // 32], device=device)
         return io.NodeOutput({"samples": latent})

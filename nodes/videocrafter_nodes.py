@@ -14,6 +14,7 @@ from comfy_api.latest import io
 from ..host.model_paths import model_choices, resolve_model_choice
 from ..host.quant_inputs import quantization_inputs
 from ..loaders.videocrafter_detect import VARIANTS
+from .queue_validation import VeloxNode
 
 CATEGORY = "Velox/VideoCrafter"
 DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -21,7 +22,7 @@ SPACINGS = ["release", "uniform", "uniform_trailing"]
 NEGATIVE_IMAGE_VALUE = 0.5  # lvdm's negative image is zeros in [-1, 1], i.e. mid grey in ComfyUI's [0, 1]
 
 
-class VideoCrafterLoader(io.ComfyNode):
+class VideoCrafterLoader(VeloxNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -56,7 +57,7 @@ class VideoCrafterLoader(io.ComfyNode):
         return io.NodeOutput(model, clip, vae, vision)
 
 
-class VideoCrafterUNetLoader(io.ComfyNode):
+class VideoCrafterUNetLoader(VeloxNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -90,7 +91,7 @@ class VideoCrafterUNetLoader(io.ComfyNode):
         return io.NodeOutput(model)
 
 
-class EmptyVideoCrafterLatent(io.ComfyNode):
+class EmptyVideoCrafterLatent(VeloxNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -118,7 +119,7 @@ class EmptyVideoCrafterLatent(io.ComfyNode):
         return io.NodeOutput({"samples": samples})
 
 
-class DynamiCrafterConditioning(io.ComfyNode):
+class DynamiCrafterConditioning(VeloxNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -178,7 +179,7 @@ def _with(conditioning, values: dict):
     return [[tensor, {**extra, **values}] for tensor, extra in conditioning]
 
 
-class VideoCrafterSampler(io.ComfyNode):
+class VideoCrafterSampler(VeloxNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -223,7 +224,7 @@ class VideoCrafterSampler(io.ComfyNode):
         return io.NodeOutput(sample_videocrafter(model, positive, negative, latent, seed, settings))
 
 
-class VideoCrafterDecode(io.ComfyNode):
+class VideoCrafterDecode(VeloxNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -254,7 +255,7 @@ class VideoCrafterDecode(io.ComfyNode):
         return io.NodeOutput(torch.cat(images).reshape(-1, *images[0].shape[-3:]))
 
 
-class VideoCrafterDDIM(io.ComfyNode):
+class VideoCrafterDDIM(VeloxNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -278,7 +279,7 @@ class VideoCrafterDDIM(io.ComfyNode):
         return io.NodeOutput(comfy.samplers.KSAMPLER(sample_videocrafter_ddim, extra_options={"eta": eta}))
 
 
-class VideoCrafterSigmas(io.ComfyNode):
+class VideoCrafterSigmas(VeloxNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -12,6 +12,7 @@ from comfy_api.latest import io
 from ..host.model_paths import model_choices, resolve_model_choice
 from ..host.quant_inputs import quantization_inputs
 from ..host.wan_loading import EXPERTS
+from .queue_validation import VeloxNode
 
 CATEGORY = "Velox/Wan"
 WAN_CLASS_NAMES = ("WanTransformer3DModel", "WanVACETransformer3DModel", '"WanModel"')  # diffusers, official
@@ -36,7 +37,7 @@ def _is_umt5_folder(path) -> bool:
     return _config_mentions(path / "text_encoder", "umt5") and (path / "tokenizer").is_dir()
 
 
-class WanModelLoader(io.ComfyNode):
+class WanModelLoader(VeloxNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -71,7 +72,7 @@ class WanModelLoader(io.ComfyNode):
                                             quantization=quantization, quant_compute=quant_compute))
 
 
-class WanVAELoader(io.ComfyNode):
+class WanVAELoader(VeloxNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -94,7 +95,7 @@ class WanVAELoader(io.ComfyNode):
         return io.NodeOutput(load_wan_vae(resolve_model_choice("vae", vae_name)))
 
 
-class UMT5Loader(io.ComfyNode):
+class UMT5Loader(VeloxNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

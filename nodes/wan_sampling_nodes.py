@@ -10,6 +10,7 @@ from ..host.sampling import SAMPLER_CHOICES, SCHEDULER_CHOICES, flow_sigmas, sam
 from ..host.wan_sampling import check_expert_pair, check_start_image, sample_two_experts
 from ..sampling.presets import CUSTOM, SAMPLING_PRESETS
 from ..sampling.wan_experts import T2V_BOUNDARY, expert_switch_step
+from .queue_validation import VeloxNode
 
 CATEGORY = "Velox/sampling"
 WAN_PRESETS = [key for key in SAMPLING_PRESETS if key.startswith("wan")]
@@ -33,7 +34,7 @@ def _wan_settings(preset, steps, cfg_high, cfg_low, sampler_name, scheduler, shi
             p.boundary if p.boundary is not None else 0.0, switch_step)
 
 
-class WanExpertSampler(io.ComfyNode):
+class WanExpertSampler(VeloxNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -119,7 +120,7 @@ def wan_video_problem(width: int, height: int, length: int) -> str | None:
     return "; ".join(problems) or None
 
 
-class EmptyWanLatent(io.ComfyNode):
+class EmptyWanLatent(VeloxNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -142,15 +143,15 @@ class EmptyWanLatent(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, width=16, height=16, length=1, batch_size=1) -> bool | str:
-        problem = wan_video_problem(width, height, length)
-        return f"VeloxEmptyWanLatent: {problem}" if problem else True
+    def value_problems(cls, values: dict) -> list[str]:
+        sizes = {"width": 16, "height": 16, "length": 1}  # stand-ins for linked sizes, checked at run time
+        sizes.update((name, value) for name, value in values.items() if name in sizes and isinstance(value, int))
+        problem = wan_video_problem(**sizes)
+        return [problem] if problem else []
 
     @classmethod
     def execute(cls, width, height, length, batch_size) -> io.NodeOutput:
-        problem = wan_video_problem(width, height, length)
-        if problem:
-            raise ValueError(f"VeloxEmptyWanLatent: {problem}")
+        cls.check_values(width=width, height=height, length=length, batch_size=batch_size)
         shape = [batch_size, WAN_LATENT_CHANNELS, (length - 1) // 4 + 1, height // 8, width // 8]
         latent = torch.zeros(shape, device=comfy.model_management.intermediate_device())
         return io.NodeOutput({"samples": latent})

@@ -23,8 +23,6 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiohttp
-
 PACK_FOLDER = "velox"
 
 
@@ -105,6 +103,9 @@ class ComfyServer:
         (self.work / "user").mkdir(exist_ok=True)
         log = open(self.log_path, "w")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # main.py imports `comfy` from its own folder, which safe-path mode (what the tests set for
+        # their children) would leave off sys.path; the server's cwd is the host, never this repository.
+        env.pop("PYTHONSAFEPATH", None)
         self.process = subprocess.Popen(self.command(), cwd=self.comfyui, stdout=log, stderr=subprocess.STDOUT,
                                         env=env, start_new_session=True)
         deadline = time.time() + self.boot_timeout
@@ -160,6 +161,8 @@ class ComfyServer:
     async def _run(self, prompt: dict, timeout: float, progress: bool) -> RunResult:
         client_id = uuid.uuid4().hex
         ws_url = f"ws://127.0.0.1:{self.port}/ws?clientId={client_id}"
+        import aiohttp  # ComfyUI's requirement: test collection without a host must not need it
+
         async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=0) as ws:
             prompt_id = self.post_prompt(prompt, client_id)
             await asyncio.wait_for(_follow(ws, prompt_id, prompt, progress), timeout)
@@ -199,7 +202,7 @@ def describe_refusal(detail: dict, prompt: dict) -> str:
 
 async def _follow(ws, prompt_id: str, prompt: dict, progress: bool) -> None:
     async for message in ws:
-        if message.type != aiohttp.WSMsgType.TEXT:
+        if not isinstance(message.data, str):
             continue  # binary frames are previews
         event = json.loads(message.data)
         data = event.get("data", {})

@@ -11,13 +11,12 @@ cd "$ROOT"
 source scripts/tiers.sh
 SHARED_HOSTS=${VELOX_SHARED_HOSTS:-$ROOT/../shared/hosts}
 NEWEST_FRONTEND=${VELOX_NEWEST_FRONTEND:-1.58.1}
-# Python never puts the repository root on sys.path (-P, and PYTHONSAFEPATH for children): the
-# pack's folders `kernels`, `models`, `nodes`... would shadow PyPI packages of the same names.
-export PYTHONSAFEPATH=1
 
 HOST=$(bash scripts/provision.sh | tail -n 1)
 VENV=${VELOX_VENV:-$ROOT/.venv}
 export COMFYUI_PATH=$HOST
+# pytest runs under -P, so the repository root is never on sys.path: the pack's folders `kernels`,
+# `models`, `nodes`... would shadow PyPI packages of the same names (tests/conftest.py guards too).
 pytest_in() { local venv=$1; shift; "$venv/bin/python" -P -m pytest "$@"; }
 host_version() { sed -n 's/^__version__ = "\(.*\)"/\1/p' "$1/comfyui_version.py"; }
 

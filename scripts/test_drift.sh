@@ -7,7 +7,7 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
-export VELOX_VENV=${VELOX_DRIFT_VENV:-$ROOT/.venv-drift} VELOX_UNPINNED=1 PYTHONSAFEPATH=1
+export VELOX_VENV=${VELOX_DRIFT_VENV:-$ROOT/.venv-drift} VELOX_UNPINNED=1
 HOST=$(bash scripts/provision.sh | tail -n 1)
 export COMFYUI_PATH=$HOST
 echo "== newest versions in $VELOX_VENV"

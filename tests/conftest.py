@@ -24,7 +24,8 @@ def _is_repository_root(entry: str) -> bool:
 # The pack's folders (kernels, models, nodes, loaders, host, sampling) are also PyPI names:
 # transformers imports Hugging Face's `kernels` when installed. `python -m pytest` puts the
 # repository root first on sys.path, where they would shadow those packages, so the root is
-# taken off (scripts/test.sh also starts Python with -P), and subprocesses inherit the rule.
+# taken off (scripts/test.sh also starts Python with -P), and `python -c` children started from
+# the root inherit the rule (the ComfyUI server, which needs its own folder, drops it).
 sys.path[:] = [entry for entry in sys.path if not _is_repository_root(entry)]
 os.environ["PYTHONSAFEPATH"] = "1"
 sys.path.insert(0, str(ROOT / "scripts"))

@@ -91,7 +91,7 @@ def weights_checksum(module: torch.nn.Module) -> float:
 # ---------------------------------------------------------------------------------------------- demo files
 # Whole release files (UNet + KL VAE + OpenCLIP text [+ visual + Resampler]) under lvdm's prefixes, small
 # enough to sample 16 frames on a CPU in seconds. Heads are 32 wide, as wide as the 32-channel UNet (the
-# loader assumes min(64, model_channels): head width is not in the weights). The text tower is 64 wide
+# loader reads the width from init_attn's proj_in, 8 heads x width rows). The text tower is 64 wide
 # with 3 layers (the penultimate layer must not be the first), the vision tower 64 wide with 2; the VAE
 # is KL-f8 with base width 32 and ch_mult (1, 1, 1, 1).
 DEMO_WIDTH = 64

@@ -86,7 +86,7 @@ def test_safetensors_tensor_extent_that_disagrees_with_its_shape_is_corrupt(tmp_
 def test_pth_that_needs_pickle_globals_is_refused_as_unsafe(tmp_path):
     path = tmp_path / "unsafe.pth"
     torch.save({"state_dict": {"w": torch.zeros(1)}, "extra": Pickled()}, path)
-    with pytest.raises(VeloxLoadError, match=r"^unsafe\.pth: needs unsafe pickle.*Pickled.*weights-only"):
+    with pytest.raises(VeloxLoadError, match=r"^unsafe\.pth: pickle-only checkpoint, refused; convert to safetensors .*Pickled"):
         load_state_dict(path)
 
 
@@ -347,7 +347,7 @@ def test_torch_load_is_weights_only_for_every_pickle_suffix(tmp_path):
     for suffix in (".pth", ".pt", ".ckpt", ".bin"):
         path = tmp_path / f"unsafe{suffix}"
         torch.save({"obj": Pickled(), "w": torch.zeros(1)}, path)
-        with pytest.raises(VeloxLoadError, match="needs unsafe pickle"):
+        with pytest.raises(VeloxLoadError, match="pickle-only checkpoint, refused"):
             load_state_dict(path)
 
 
