@@ -8,8 +8,10 @@ Three on-disk forms of quantized weights are read here, into one representation:
 - ComfyUI's per-layer ``comfy_quant`` format: ``<layer>.comfy_quant`` (uint8 JSON bytes such as
   ``{"format": "float8_e4m3fn"}``) or the safetensors metadata ``_quantization_metadata``
   (``{"layers": {name: {"format": ...}}}``), with ``<layer>.weight_scale`` (+ ``input_scale``).
-  Formats read: ``float8_e4m3fn`` and ``int8_tensorwise`` (per-tensor or per-row scale); others
-  (nvfp4, mxfp8, ConvRot, ...) are refused by name.
+  Formats read: ``float8_e4m3fn`` and ``int8_tensorwise`` (per-tensor or per-row scale), and
+  ``nvfp4`` (uint8 e2m1 codes, ``weight_scale`` e4m3 block scales in cuBLAS's swizzled layout,
+  ``weight_scale_2`` fp32 global scale; ``kernels/nvfp4_torch.py``); others (mxfp8, ConvRot, ...) are
+  refused by name. Layers without a format stay as written, so mixed files load as written.
 
 Family code detects the variant from shapes alone, so ``detection_view`` gives it meta tensors of
 the logical shapes and ``restore_packed`` puts the packed records back under the names the
@@ -18,6 +20,7 @@ family's key map chose (renames only; a key map that would compute on a packed t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,12 +29,13 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from ..errors import VeloxLoadError
+from ..kernels import nvfp4_torch
 from ..kernels.fp8_linear import FP8_DTYPE
 from ..loaders.checkpoint_files import read_component, read_safetensors_metadata, sibling_config
 from .quant_tensor import PackedWeight, per_channel_scale
 
 GGUF_SUFFIX = ".gguf"
-QUANTIZATIONS = ("none", "fp8_e4m3", "int8")
+QUANTIZATIONS = ("none", "fp8_e4m3", "int8", "nvfp4")
 QUANT_COMPUTES = ("dequant", "lowp")
 # Layers that stay in high precision whatever the selector says (regular expressions over layer
 # names): embeddings, modulation, norms, heads, time/text embedders, the depthwise conv.
@@ -46,10 +50,14 @@ NEVER_QUANTIZE: dict[str, tuple[str, ...]] = {
 COMFY_QUANT_SUFFIX = ".comfy_quant"
 QUANT_METADATA_KEY = "_quantization_metadata"
 SCALED_FP8_MARKER = "scaled_fp8"
-WEIGHT_SCALE_SUFFIXES = (".weight_scale", ".scale_weight")  # comfy_quant, legacy scaled fp8
+# file suffix -> the scale it holds (comfy_quant names; ``scale_weight`` is legacy scaled fp8)
+SCALE_SUFFIXES = {".weight_scale": "weight_scale", ".scale_weight": "weight_scale",
+                  ".weight_scale_2": "weight_scale_2"}
 INPUT_SCALE_SUFFIXES = (".input_scale", ".scale_input")  # static activation scales: W8A8 here is dynamic
 COMFY_QUANT_STORAGE = {"float8_e4m3fn": FP8_DTYPE, "int8_tensorwise": torch.int8}
-COMFY_QUANT_EXPECTED = "comfy_quant layers in float8_e4m3fn or int8_tensorwise (without ConvRot)"
+COMFY_QUANT_EXPECTED = "comfy_quant layers in float8_e4m3fn, int8_tensorwise (without ConvRot) or nvfp4"
+NVFP4_EXPECTED = ("an nvfp4 layer: uint8 weight (N16, K16/2), weight_scale e4m3 (roundup(N16, 128), "
+                  "roundup(K16/16, 4)), weight_scale_2 with one fp32 element")
 
 Weights = dict[str, "torch.Tensor | PackedWeight"]
 
@@ -116,17 +124,23 @@ def fold_quantized_layers(state_dict: Mapping[str, torch.Tensor], metadata: Mapp
     formats = _layer_formats(weights, metadata, path)
     for key in [k for k in weights if k.endswith(".weight")]:
         layer = key[: -len(".weight")]
-        scale = next((weights.pop(layer + s) for s in WEIGHT_SCALE_SUFFIXES if layer + s in weights), None)
+        scales = {name: weights.pop(layer + suffix) for suffix, name in SCALE_SUFFIXES.items() if layer + suffix in weights}
         for suffix in INPUT_SCALE_SUFFIXES:
             weights.pop(layer + suffix, None)
-        fmt = formats.get(layer)
-        if fmt is None and scale is None:
+        fmt = formats.get(layer) or ("nvfp4" if "weight_scale_2" in scales else None)  # only nvfp4 has a second scale
+        if fmt is None and not scales:
             continue
         weight = weights[key]
         if fmt is None and weight.dtype not in COMFY_QUANT_STORAGE.values():  # a legacy scale on a float weight
-            weights[key] = (weight.float() * scale.float().reshape(-1, *[1] * (weight.ndim - 1))).to(weight.dtype)
+            scale = scales["weight_scale"].float().reshape(-1, *[1] * (weight.ndim - 1))
+            weights[key] = (weight.float() * scale).to(weight.dtype)
             continue
-        weights[key] = _packed_layer(weight, fmt or "float8_e4m3fn", scale, layer, path)
+        fmt = fmt or "float8_e4m3fn"
+        reader = COMFY_QUANT_READERS.get(fmt)
+        if reader is None:
+            raise VeloxLoadError(path, f"layer {layer} is quantized as {fmt!r}, which Velox cannot load",
+                                 COMFY_QUANT_EXPECTED)
+        weights[key] = reader(weight, fmt, scales, layer, path)
     return weights
 
 
@@ -150,11 +164,9 @@ def _layer_formats(weights: Weights, metadata: Mapping | None, path) -> dict[str
     return formats
 
 
-def _packed_layer(weight: torch.Tensor, fmt: str, scale: torch.Tensor | None, layer: str, path):
-    storage = COMFY_QUANT_STORAGE.get(fmt)
-    if storage is None:
-        raise VeloxLoadError(path, f"layer {layer} is quantized as {fmt!r}, which Velox cannot load",
-                             COMFY_QUANT_EXPECTED)
+def _scaled_layer(weight: torch.Tensor, fmt: str, scales: Mapping[str, torch.Tensor], layer: str, path):
+    """fp8 / int8 codes and an optional per-tensor or per-row ``weight_scale``."""
+    storage, scale = COMFY_QUANT_STORAGE[fmt], scales.get("weight_scale")
     if weight.dtype != storage:
         raise VeloxLoadError(path, f"layer {layer} claims {fmt} but its weight is {weight.dtype}",
                              COMFY_QUANT_EXPECTED)
@@ -163,6 +175,32 @@ def _packed_layer(weight: torch.Tensor, fmt: str, scale: torch.Tensor | None, la
     packed = PackedWeight(weight, tuple(weight.shape), scale=scale)
     # only Linear layers hold packed weights; a scaled conv (rare) is dequantized once, here
     return packed if weight.ndim == 2 else packed.dequantize(torch.float32)
+
+
+def _nvfp4_layer(weight: torch.Tensor, fmt: str, scales: Mapping[str, torch.Tensor], layer: str, path):
+    """Core's NVFP4 layer -> ``PackedWeight`` of logical shape (N16, K16) (the file keeps no other);
+    the scales are checked against the codes, so a mismatched file fails here, not in a kernel."""
+    def refuse(problem: str):
+        return VeloxLoadError(path, f"nvfp4 layer {layer}: {problem}", NVFP4_EXPECTED)
+
+    if weight.dtype not in (torch.uint8, nvfp4_torch.STORAGE) or weight.ndim != 2:
+        raise refuse(f"weight is {weight.dtype} {tuple(weight.shape)}")
+    for name in ("weight_scale", "weight_scale_2"):
+        if name not in scales:
+            raise refuse(f"{name} is missing")
+    shape = (weight.shape[0], weight.shape[1] * 2)
+    block_scales, global_scale = scales["weight_scale"], scales["weight_scale_2"]
+    if shape != nvfp4_torch.padded_shape(shape) or tuple(block_scales.shape) != nvfp4_torch.block_scale_shape(shape):
+        raise refuse(f"weight_scale {tuple(block_scales.shape)} does not fit weight {tuple(weight.shape)} "
+                     f"(expected {nvfp4_torch.block_scale_shape(shape)})")
+    if block_scales.dtype not in (nvfp4_torch.E4M3, torch.uint8) or global_scale.numel() != 1:
+        raise refuse(f"weight_scale is {block_scales.dtype}, weight_scale_2 has {global_scale.numel()} elements")
+    return PackedWeight(weight.view(nvfp4_torch.STORAGE), shape, scale=block_scales.view(nvfp4_torch.E4M3),
+                        scale_2=global_scale.float().reshape(()))
+
+
+# comfy_quant format -> its reader (weight, format, scales, layer, path) -> PackedWeight (or a dense tensor)
+COMFY_QUANT_READERS = {"float8_e4m3fn": _scaled_layer, "int8_tensorwise": _scaled_layer, "nvfp4": _nvfp4_layer}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,7 +241,7 @@ def squeeze_packed_1x1(weights: Weights) -> Weights:
     out: Weights = {}
     for key, value in weights.items():
         if isinstance(value, PackedWeight) and len(value.shape) == 4 and value.shape[2:] == (1, 1):
-            value = PackedWeight(value.data, value.shape[:2], value.qtype, value.scale)
+            value = dataclasses.replace(value, shape=value.shape[:2])
         out[key] = value
     return out
 

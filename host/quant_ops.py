@@ -1,4 +1,4 @@
-"""An ``operations`` namespace whose Linear holds dense, GGUF-packed, FP8 or INT8 weights.
+"""An ``operations`` namespace whose Linear holds dense, GGUF-packed, FP8, INT8 or NVFP4 weights.
 
 Built like ``comfy.ops.manual_cast`` (which provides every other op: convs, norms, embeddings stay
 high precision and cast per call). The Linear:
@@ -11,6 +11,8 @@ high precision and cast per call). The Linear:
   SM 9.0+, INT8 through ``kernels/int8_gemm_triton.py`` on CUDA; on the CPU the same numerics in
   PyTorch; a GPU without the fast path dequantizes). GGUF weights always dequantize (their blocks
   have no W8A8 form; Q8_0 / Q4_K can use the fused dequant-GEMM, ``FUSED_DEQUANT_GEMM_MAX_TOKENS``);
+  NVFP4 weights compute as ``host/nvfp4_compute.py`` picks per device (core's comfy-kitchen on FP4
+  GPUs, the Triton dequant-GEMM on other CUDA GPUs, dequantize-then-GEMM on the CPU);
 - adds ``self.velox_lowrank(x)`` to its output when set (LoRA side products, attached through
   ModelPatcher object patches, so a quantized weight is never dequantized-and-merged per step);
 - stays friendly to ModelPatcher: plain tensors for ``.to`` and partial (lowvram) loading, memory
@@ -30,7 +32,7 @@ import comfy.ops
 import torch
 import torch.nn.functional as F
 
-from ..kernels import gguf_dequant_gemm_triton, int8_gemm_triton
+from ..kernels import gguf_dequant_gemm_triton, int8_gemm_triton, nvfp4_torch
 from ..kernels.fp8_linear import (
     FP8_DTYPE,
     fp8_linear_emulated,
@@ -40,6 +42,7 @@ from ..kernels.fp8_linear import (
     scaled_mm_supported,
 )
 from ..kernels.int8_gemm_torch import int8_linear_torch, quantize_int8_rows
+from .nvfp4_compute import nvfp4_linear
 from .quant_tensor import (
     QUANTIZE_TO,
     PackedWeight,
@@ -63,7 +66,7 @@ def make_quant_operations(quantization: str = "none", compute: str = "dequant",
                           shared_input: Sequence[str] = ()):
     """The namespace for a model's ``operations`` argument.
 
-    quantization: ``none`` / ``fp8_e4m3`` / ``int8``, what float Linear weights become at load;
+    quantization: ``none`` / ``fp8_e4m3`` / ``int8`` / ``nvfp4``, what float Linear weights become at load;
     compute: ``dequant`` / ``lowp``; never_quantize: regular expressions matched (``re.search``)
     against a layer's name (``blocks.3.ffn.0``) to keep it in high precision; shared_input: the
     family's ``shared_activation.SHARED_INPUT`` (sibling layers quantize one input once under lowp).
@@ -97,7 +100,7 @@ class QuantLinear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
 
     comfy_cast_weights = True
     compute = "dequant"
-    target_kind: str | None = None  # "fp8" / "int8": what float weights become at load
+    target_kind: str | None = None  # "fp8" / "int8" / "nvfp4": what float weights become at load
     wants_quantized: Callable[[str, torch.Tensor], bool] = staticmethod(lambda name, weight: False)
     shared_input: tuple[str, ...] = ()
     activation_group: str | None = None  # set at load from the layer's name (host/shared_activation.py)
@@ -112,6 +115,7 @@ class QuantLinear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
         self.bias = torch.nn.Parameter(torch.empty(out_features, device=device, dtype=dtype),
                                        requires_grad=False) if bias else None
         self.weight_scale = None
+        self.weight_scale_2 = None  # nvfp4's global scale
         self.gguf_qtype: int | None = None
         self.velox_lowrank = None
 
@@ -150,9 +154,9 @@ class QuantLinear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
         self.activation_group = group_of(name, self.shared_input)
         expected = (self.out_features, self.in_features)
         if isinstance(weight, PackedWeight):
-            if tuple(weight.shape) != expected:
+            if tuple(weight.shape) != expected and not _padding_of(weight, expected):
                 return f"packed shape {tuple(weight.shape)} does not fit Linear {expected}"
-            self._set_storage(weight.data, weight.scale, weight.qtype)
+            self._set_storage(weight.data, weight.scale, weight.qtype, weight.scale_2)
             return None
         if tuple(weight.shape) != expected:
             return f"shape {tuple(weight.shape)} does not fit Linear {expected}"
@@ -161,7 +165,7 @@ class QuantLinear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
             self._set_storage(weight, per_channel_scale(ones if scale is None else scale, self.out_features))
         elif self.wants_quantized(name, weight):
             packed = quantize_weight(weight, self.target_kind)
-            self._set_storage(packed.data, packed.scale)
+            self._set_storage(packed.data, packed.scale, scale_2=packed.scale_2)
         else:
             self._set_storage(weight.to(self.weight_dtype or weight.dtype))
         return None
@@ -173,15 +177,20 @@ class QuantLinear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
             return super()._apply(fn, recurse)
         target = fn(torch.empty(0, device=self.weight.device)).device
         self.weight.data = self.weight.data.to(target)
-        if self.weight_scale is not None:
-            self.weight_scale.data = self.weight_scale.data.to(target)
+        for scale in (self.weight_scale, self.weight_scale_2):
+            if scale is not None:
+                scale.data = scale.data.to(target)
         if self.bias is not None:
             self.bias.data = fn(self.bias.data)
         return self
 
-    def _set_storage(self, data: torch.Tensor, scale: torch.Tensor | None = None, qtype: int | None = None):
+    def _set_storage(self, data: torch.Tensor, scale: torch.Tensor | None = None, qtype: int | None = None,
+                     scale_2: torch.Tensor | None = None):
         self.weight = torch.nn.Parameter(data, requires_grad=False)
-        self.weight_scale = None if scale is None else torch.nn.Parameter(scale.float(), requires_grad=False)
+        if scale is not None and kind_of(data.dtype) != "nvfp4":  # nvfp4 block scales stay e4m3 bytes
+            scale = scale.float()
+        self.weight_scale, self.weight_scale_2 = (None if t is None else torch.nn.Parameter(t, requires_grad=False)
+                                                  for t in (scale, scale_2))
         self.gguf_qtype = None if qtype is None else int(qtype)
 
     # ------------------------------------------------------------------------------------------
@@ -208,6 +217,9 @@ class QuantLinear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
         bias = None if self.bias is None else self.bias.to(device=device, dtype=dtype, non_blocking=True)
         for function in self.bias_function:
             bias = function(bias)
+        shape = (self.out_features, self.in_features)
+        if self.weight_kind == "nvfp4" and not self.weight_function:
+            return nvfp4_linear(x, data, scale, self.weight_scale_2.to(device, non_blocking=True), shape, bias)
         if self.compute == "lowp" and self.weight_kind in ("fp8", "int8") and not self.weight_function:
             out = _lowp_linear(x, data, scale, bias, self.activation_group)
             if out is not None:
@@ -215,8 +227,7 @@ class QuantLinear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
         if self._fused(x):
             fused = gguf_dequant_gemm_triton.FUSED_LINEARS[self.gguf_qtype]
             return fused(x, data, (self.out_features, self.in_features), bias)
-        weight = dequantize_weight(data, (self.out_features, self.in_features), dtype, qtype=self.gguf_qtype,
-                                   scale=scale)
+        weight = dequantize_weight(data, shape, dtype, qtype=self.gguf_qtype, scale=scale, scale_2=self.weight_scale_2)
         for function in self.weight_function:
             weight = _apply_weight_function(function, weight)
         return F.linear(x, weight, bias)
@@ -237,14 +248,14 @@ class QuantLinear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
         raw = weight.to(self.weight.dtype)  # exact: the copy holds the stored values as floats
         scale = None if self.weight_scale is None else self.weight_scale.to(raw.device)
         return dequantize_weight(raw, (self.out_features, self.in_features), torch.float32,
-                                 qtype=self.gguf_qtype, scale=scale)
+                                 qtype=self.gguf_qtype, scale=scale, scale_2=self.weight_scale_2)
 
     def set_weight(self, weight: torch.Tensor, inplace_update: bool = False, seed: int | None = None,
                    return_weight: bool = False, **kwargs) -> torch.Tensor | None:
         kind = self.weight_kind
         if kind in ("fp8", "int8"):
             stored = requantize_with_scale(weight, self.weight.dtype, self.weight_scale, seed)
-        elif kind == "gguf":
+        elif kind in ("gguf", "nvfp4"):  # held dense until ModelPatcher restores the packed bytes
             stored = weight.to(self.weight_dtype if self.weight_dtype in MATH_DTYPES else torch.bfloat16)
         else:
             stored = weight.to(self.weight.dtype)
@@ -255,6 +266,12 @@ class QuantLinear(torch.nn.Module, comfy.ops.CastWeightBiasOp):
         else:
             self.weight = torch.nn.Parameter(stored, requires_grad=False)
         return None
+
+
+def _padding_of(weight: PackedWeight, expected: tuple[int, int]) -> bool:
+    """Whether an nvfp4 weight's (N16, K16) is ``expected`` zero-padded to multiples of 16 (core's
+    files keep only the padded codes)."""
+    return weight.kind == "nvfp4" and tuple(weight.shape) == nvfp4_torch.padded_shape(expected)
 
 
 def _apply_weight_function(function, weight: torch.Tensor) -> torch.Tensor:

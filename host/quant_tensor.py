@@ -1,6 +1,6 @@
 """Quantized weights as Velox keeps them: the packed bytes plus what it takes to read them back.
 
-Three kinds, told apart by the storage dtype alone (so a layer never disagrees with its tensor,
+Four kinds, told apart by the storage dtype alone (so a layer never disagrees with its tensor,
 whatever ModelPatcher swaps in or restores):
 
 | kind       | storage (``data``)                               | also needed                         |
@@ -8,6 +8,8 @@ whatever ModelPatcher swaps in or restores):
 | ``gguf``   | uint8 ``(rows, bytes_per_row)``, GGUF blocks     | GGML type number, logical shape     |
 | ``fp8``    | float8_e4m3fn ``(N, K)``                          | fp32 scale per output channel (N,)  |
 | ``int8``   | int8 ``(N, K)``                                   | fp32 scale per output channel (N,)  |
+| ``nvfp4``  | float4_e2m1fn_x2 ``(N16, K16 / 2)``, core's NVFP4 | e4m3 block scales (swizzled), fp32  |
+|            | codes (``kernels/nvfp4_torch.py``)                | global scale (``scale_2``)          |
 
 Anything else (bf16 / fp16 / fp32) is ``dense``. Every kind is a plain tensor, so ``.to(device)``,
 state dicts, pinning and ModelPatcher's memory accounting (``nelement * element_size``: the packed
@@ -21,19 +23,19 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels import fp8_int8_dequant_triton
+from ..kernels import fp8_int8_dequant_triton, nvfp4_torch, nvfp4_triton
 from ..kernels.fp8_linear import FP8_DTYPE, FP8_MAX, dequantize_rows, quantize_fp8_rows
 from ..kernels.gguf_dequant import dequantize as dequantize_gguf
 from ..kernels.int8_gemm_torch import INT8_MAX, quantize_int8_rows, round_half_away
 
-KIND_BY_STORAGE = {torch.uint8: "gguf", FP8_DTYPE: "fp8", torch.int8: "int8"}
+KIND_BY_STORAGE = {torch.uint8: "gguf", FP8_DTYPE: "fp8", torch.int8: "int8", nvfp4_torch.STORAGE: "nvfp4"}
 SCALED_KINDS = ("fp8", "int8")
 # the user-facing quantization choice -> the kind a loader quantizes float weights to
-QUANTIZE_TO = {"none": None, "fp8_e4m3": "fp8", "int8": "int8"}
+QUANTIZE_TO = {"none": None, "fp8_e4m3": "fp8", "int8": "int8", "nvfp4": "nvfp4"}
 
 
 def kind_of(storage_dtype: torch.dtype) -> str:
-    """``gguf`` / ``fp8`` / ``int8`` for packed storage, ``dense`` for a float weight."""
+    """``gguf`` / ``fp8`` / ``int8`` / ``nvfp4`` for packed storage, ``dense`` for a float weight."""
     return KIND_BY_STORAGE.get(storage_dtype, "dense")
 
 
@@ -42,13 +44,15 @@ class PackedWeight:
     """One quantized weight between a file and a layer.
 
     data: the storage (see the module table); shape: the logical shape in PyTorch order;
-    qtype: the GGML type (gguf only); scale: (N,) fp32 (fp8 / int8 only).
+    qtype: the GGML type (gguf only); scale: (N,) fp32 (fp8 / int8), the swizzled e4m3 block scales
+    (nvfp4); scale_2: the fp32 global scale, 0-d (nvfp4 only).
     """
 
     data: torch.Tensor
     shape: tuple[int, ...]
     qtype: int | None = None
     scale: torch.Tensor | None = None
+    scale_2: torch.Tensor | None = None
 
     @property
     def kind(self) -> str:
@@ -56,22 +60,28 @@ class PackedWeight:
 
     @property
     def nbytes(self) -> int:
-        extra = 0 if self.scale is None else self.scale.nelement() * self.scale.element_size()
-        return self.data.nelement() * self.data.element_size() + extra
+        tensors = (self.data, self.scale, self.scale_2)
+        return sum(t.nelement() * t.element_size() for t in tensors if t is not None)
 
     def dequantize(self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
-        data = self.data if device is None else self.data.to(device)
-        return dequantize_weight(data, self.shape, dtype, qtype=self.qtype, scale=self.scale)
+        moved = self if device is None else self.to(device)
+        return dequantize_weight(moved.data, self.shape, dtype, qtype=self.qtype, scale=moved.scale,
+                                 scale_2=moved.scale_2)
 
     def to(self, device: torch.device | str) -> PackedWeight:
-        scale = None if self.scale is None else self.scale.to(device)
-        return PackedWeight(self.data.to(device), self.shape, self.qtype, scale)
+        scale, scale_2 = (None if t is None else t.to(device) for t in (self.scale, self.scale_2))
+        return PackedWeight(self.data.to(device), self.shape, self.qtype, scale, scale_2)
 
 
 def dequantize_weight(data: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, qtype: int | None = None,
-                      scale: torch.Tensor | None = None, where: str | None = None) -> torch.Tensor:
+                      scale: torch.Tensor | None = None, where: str | None = None,
+                      scale_2: torch.Tensor | None = None) -> torch.Tensor:
     """Packed storage -> the logical ``shape`` tensor of ``dtype`` on ``data``'s device."""
     kind = kind_of(data.dtype)
+    if kind == "nvfp4":
+        dequantize = (nvfp4_triton.dequantize_nvfp4_triton if data.is_cuda and nvfp4_triton.AVAILABLE
+                      else nvfp4_torch.dequantize_nvfp4)
+        return dequantize(data, scale.to(data.device), scale_2.to(data.device), dtype, tuple(shape))
     if kind == "gguf":
         return dequantize_gguf(data, qtype, tuple(shape), dtype, where)
     if kind in SCALED_KINDS:
@@ -83,7 +93,10 @@ def dequantize_weight(data: torch.Tensor, shape: tuple[int, ...], dtype: torch.d
 
 
 def quantize_weight(weight: torch.Tensor, kind: str) -> PackedWeight:
-    """A float (N, K) weight -> fp8 e4m3 or int8 with one symmetric scale per output channel."""
+    """A float (N, K) weight -> fp8 e4m3 or int8 with one symmetric scale per output channel, or
+    NVFP4 (comfy-kitchen's quantization, byte for byte)."""
+    if kind == "nvfp4":
+        return quantize_weight_nvfp4(weight)
     rows = weight.reshape(weight.shape[0], -1)
     data, scale = quantize_fp8_rows(rows) if kind == "fp8" else quantize_int8_rows(rows)
     return PackedWeight(data.reshape(weight.shape), tuple(weight.shape), scale=scale)
@@ -118,3 +131,10 @@ def quantize_weight_gguf(weight: torch.Tensor, qtype: int) -> PackedWeight:
     from ..kernels.gguf_quantize_torch import quantize
 
     return PackedWeight(quantize(weight, qtype), tuple(weight.shape), qtype=int(qtype))
+
+
+def quantize_weight_nvfp4(weight: torch.Tensor) -> PackedWeight:
+    """A float (N, K) weight -> NVFP4 codes, swizzled e4m3 block scales and the global scale."""
+    codes, block_scales, global_scale = nvfp4_torch.quantize_nvfp4(weight)
+    return PackedWeight(codes.view(nvfp4_torch.STORAGE), tuple(weight.shape), scale=block_scales,
+                        scale_2=global_scale)

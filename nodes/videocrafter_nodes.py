@@ -11,6 +11,7 @@ import comfy.model_management
 import torch
 from comfy_api.latest import io
 
+from ..host.attention_select import apply_attention_choice, attention_input
 from ..host.model_paths import model_choices, resolve_model_choice
 from ..host.quant_inputs import quantization_inputs
 from ..loaders.videocrafter_detect import VARIANTS
@@ -43,18 +44,21 @@ class VideoCrafterLoader(VeloxNode):
                 io.Combo.Input("weight_dtype", options=list(DTYPES), default="default",
                                tooltip="UNet weight precision; 'default' lets ComfyUI pick for this GPU."),
                 *quantization_inputs(),
+                attention_input(),
             ],
             outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output(), io.ClipVision.Output()],
         )
 
     @classmethod
-    def execute(cls, ckpt_name, variant, weight_dtype, quantization="none", quant_compute="dequant") -> io.NodeOutput:
+    def execute(cls, ckpt_name, variant, weight_dtype, quantization="none", quant_compute="dequant",
+                attention="auto") -> io.NodeOutput:
         from ..host.videocrafter_loading import load_videocrafter_checkpoint
 
         path = resolve_model_choice("checkpoints", ckpt_name)
         model, clip, vae, vision, _ = load_videocrafter_checkpoint(path, variant, DTYPES[weight_dtype],
                                                                    quantization, quant_compute)
-        return io.NodeOutput(model, clip, vae, vision)
+        lowp = quant_compute == "lowp" and quantization != "none"
+        return io.NodeOutput(apply_attention_choice(model, attention, lowp), clip, vae, vision)
 
 
 class VideoCrafterUNetLoader(VeloxNode):
@@ -78,17 +82,20 @@ class VideoCrafterUNetLoader(VeloxNode):
                 io.Combo.Input("weight_dtype", options=list(DTYPES), default="default",
                                tooltip="UNet weight precision; 'default' lets ComfyUI pick for this GPU."),
                 *quantization_inputs(),
+                attention_input(),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, unet_name, variant, weight_dtype, quantization="none", quant_compute="dequant") -> io.NodeOutput:
+    def execute(cls, unet_name, variant, weight_dtype, quantization="none", quant_compute="dequant",
+                attention="auto") -> io.NodeOutput:
         from ..host.videocrafter_loading import load_videocrafter_unet
 
         path = resolve_model_choice("diffusion_models", unet_name)
         model, _ = load_videocrafter_unet(path, variant, DTYPES[weight_dtype], quantization, quant_compute)
-        return io.NodeOutput(model)
+        lowp = quant_compute == "lowp" and quantization != "none"
+        return io.NodeOutput(apply_attention_choice(model, attention, lowp))
 
 
 class EmptyVideoCrafterLatent(VeloxNode):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
+from ..host.attention_select import apply_attention_choice, attention_input
 from ..host.model_paths import model_choices, resolve_model_choice
 from ..host.quant_inputs import quantization_inputs
 from ..host.wan_loading import EXPERTS
@@ -59,17 +60,21 @@ class WanModelLoader(VeloxNode):
                                "(or high_noise_model/), 'low_noise' loads transformer_2/ (or "
                                "low_noise_model/). Single files hold one model and ignore this."),
                 *quantization_inputs(),
+                attention_input(),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, model_name, weight_dtype, expert, quantization="none", quant_compute="dequant") -> io.NodeOutput:
+    def execute(cls, model_name, weight_dtype, expert, quantization="none", quant_compute="dequant",
+                attention="auto") -> io.NodeOutput:
         from ..host.wan_loading import load_wan_model
 
         path = resolve_model_choice("diffusion_models", model_name)
-        return io.NodeOutput(load_wan_model(path, dtype=DTYPES[weight_dtype], expert=expert,
-                                            quantization=quantization, quant_compute=quant_compute))
+        patcher = load_wan_model(path, dtype=DTYPES[weight_dtype], expert=expert, quantization=quantization,
+                                 quant_compute=quant_compute)
+        lowp = quant_compute == "lowp" and quantization != "none"
+        return io.NodeOutput(apply_attention_choice(patcher, attention, lowp))
 
 
 class WanVAELoader(VeloxNode):

@@ -77,7 +77,7 @@ newer_host() {  # newer_host TARBALL: the tiers that depend on the host, on a se
 }
 
 run_tier "browser tier (ComfyUI $(host_version "$HOST"), its frontend in headless Chromium)" pytest_in "$VENV" -m browser -q -rs tests/browser
-run_tier "unit tier (host-free)" pytest_in "$VENV" -m "unit and not gpu" -q
+run_tier "unit and fuzz tiers (host-free)" pytest_in "$VENV" -m "(unit or fuzz) and not gpu" -q
 for tarball in "$SHARED_HOSTS"/comfyui-*.tar.gz; do
   [ -f "$tarball" ] || continue
   newer_host "$tarball" || FAILED_TIERS+=("provisioning $(basename "$tarball")")

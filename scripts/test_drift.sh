@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Drift check: provision a separate environment (.venv-drift) with the NEWEST release of every
 # unpinned dependency (requirements-lock.txt ignored; torch stays the host's), then run the unit
-# tier and the comfy tier there. This finds the next incompatible release before a user does.
+# and fuzz tiers and the comfy tier there. This finds the next incompatible release before a user does.
 #   bash scripts/test_drift.sh               # report only
 #   bash scripts/test_drift.sh --update-lock # and, when it passes, write the versions to the lock
 set -euo pipefail
@@ -14,7 +14,7 @@ echo "== newest versions in $VELOX_VENV"
 "$VELOX_VENV/bin/python" -m pip list --format=freeze 2>/dev/null \
   | grep -iE '^(transformers|diffusers|safetensors|gguf|numpy|huggingface.hub|kernels|tokenizers|sentencepiece|protobuf|einops|pytest)=='
 echo "== pytest (unit + comfy tiers, newest versions)"
-"$VELOX_VENV/bin/python" -P -m pytest -m "(unit or comfy) and not gpu" -q
+"$VELOX_VENV/bin/python" -P -m pytest -m "(unit or fuzz or comfy) and not gpu" -q
 if [ "${1:-}" = --update-lock ]; then
   bash scripts/lock_requirements.sh "$VELOX_VENV"
 fi

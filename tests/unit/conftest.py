@@ -21,7 +21,10 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "tests/unit/" not in str(item.fspath).replace(os.sep, "/"):
             continue
-        item.add_marker(pytest.mark.comfy if "comfy_host" in item.fixturenames else pytest.mark.unit)
+        if "comfy_host" in item.fixturenames:
+            item.add_marker(pytest.mark.comfy)
+        elif item.get_closest_marker("fuzz") is None:  # deep fuzzing is its own host-free tier
+            item.add_marker(pytest.mark.unit)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,9 @@ either returns records that lie inside the buffer or raises VeloxLoadError, neve
 
 Three generators, 10 500 cases in all, on in-memory bytes (no files, so the run takes seconds):
 mutations of a valid file (bit flips, overwrites, cuts, splices), headers built field by field
-from lying counts/lengths/types/dims, and raw random bytes behind the magic.
+from lying counts/lengths/types/dims, and raw random bytes behind the magic. The three deep runs
+(about 25 s on 2 cores) are the `fuzz` tier, host-free like the unit tier and run by CI beside it;
+the unit tier keeps a 1/20 pass of each generator.
 """
 
 from __future__ import annotations
@@ -115,22 +117,31 @@ def built(draw) -> bytes:
     return header + padding + draw(st.binary(max_size=2048))
 
 
-@settings(max_examples=4000, **FUZZ)
-@given(mutated())
-def test_mutated_valid_file_raises_only_clean_errors(buffer):
-    check_parse(buffer)
+GENERATORS = {"mutated_valid_file": (mutated(), 4000, lambda buffer: buffer),
+              "hand_built_header": (built(), 4500, lambda buffer: buffer),
+              "random_bytes_after_the_magic": (st.binary(max_size=96), 2000, lambda tail: b"GGUF" + tail)}
 
 
-@settings(max_examples=4500, **FUZZ)
-@given(built())
-def test_hand_built_headers_raise_only_clean_errors(buffer):
-    check_parse(buffer)
+def fuzz(generator: str, share: int) -> None:
+    strategy, examples, to_buffer = GENERATORS[generator]
+
+    @settings(max_examples=max(1, examples // share), **FUZZ)
+    @given(strategy)
+    def run(value):
+        check_parse(to_buffer(value))
+
+    run()
 
 
-@settings(max_examples=2000, **FUZZ)
-@given(st.binary(max_size=96))
-def test_random_bytes_after_the_magic_raise_only_clean_errors(tail):
-    check_parse(b"GGUF" + tail)
+@pytest.mark.fuzz
+@pytest.mark.parametrize("generator", list(GENERATORS))
+def test_deep_fuzz_raises_only_clean_errors(generator):
+    fuzz(generator, share=1)
+
+
+@pytest.mark.parametrize("generator", list(GENERATORS))
+def test_quick_fuzz_raises_only_clean_errors(generator):
+    fuzz(generator, share=20)
 
 
 def test_the_seed_file_parses():
