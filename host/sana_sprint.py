@@ -9,10 +9,12 @@ and sampling runs at CFG 1, so ComfyUI skips the uncond batch. The TrigFlow math
 
 from __future__ import annotations
 
+import logging
+
 import comfy.samplers
 import node_helpers
 
-from ..sampling.trigflow import TRIGFLOW, trigflow_sigmas
+from ..sampling.trigflow import TRIGFLOW, img2img_start, trigflow_sigmas
 from .sampling import sample_latent, sampler_object
 from .sana_model import SanaModel
 
@@ -29,9 +31,15 @@ def trigflow_sampler() -> comfy.samplers.KSAMPLER:
 
 
 def sprint_sigmas(steps: int, denoise: float = 1.0):
-    """steps + 1 flow sigmas of the official TrigFlow times; with denoise < 1, the schedule's tail."""
-    total = steps if denoise >= 1.0 else int(steps / denoise)
-    return trigflow_sigmas(total)[-(steps + 1):]
+    """Flow sigmas of the official TrigFlow times: all steps + 1, or with denoise < 1 the tail that
+    diffusers' ``SanaSprintImg2ImgPipeline`` runs for ``num_inference_steps=steps, strength=denoise``
+    (its schedule, not core KSampler's longer one: the same numbers give the same image)."""
+    start = img2img_start(steps, denoise)
+    if denoise < 1.0 and start == 0:
+        logging.warning("Velox: SANA-Sprint with %d step(s) at denoise %.2f starts from pure noise, as diffusers' "
+                        "img2img does (it runs the last steps * denoise steps, rounded up); raise steps or "
+                        "lower denoise to keep part of the input image.", steps, denoise)
+    return trigflow_sigmas(steps)[start:]
 
 
 def with_guidance(conditioning: list, guidance: float) -> list:

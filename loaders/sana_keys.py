@@ -23,7 +23,9 @@ SANA_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 # Buffers and training-only tensors that no inference layout needs.
 DROPPED_KEYS = frozenset({"pos_embed", "patch_embed.pos_embed", "y_embedder.y_embedding",
                           "caption_projection.y_embedding"})
-DROPPED_PREFIXES = ("logvar_linear.",)
+# logvar_linear: Sprint training only; controlnet.: the ControlNet half of an official *_ControlNet_HED file
+# (its base transformer loads as a Sana model; loaders/sana_controlnet_keys.py reads the other half)
+DROPPED_PREFIXES = ("logvar_linear.", "controlnet.")
 
 # diffusers module path -> official module path (outside the blocks); weight/bias follow along.
 TOP_LEVEL_RENAMES: dict[str, str] = {

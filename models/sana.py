@@ -206,6 +206,24 @@ def text_mask_to_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return ((1 - mask.to(dtype)) * MASK_BIAS)[:, None, None, :]
 
 
+def control_residuals(control: dict | None, tokens_shape: torch.Size) -> list | None:
+    """The per-block residuals of a Sana ControlNet from ComfyUI's control dict, checked against the
+    (B, N, C) tokens: a ControlNet of another family (UNet feature maps, Flux tokens, another width)
+    is refused in words instead of failing on a shape inside a block."""
+    if not control:
+        return None
+    foreign = [key for key, values in control.items() if key != "input" and any(v is not None for v in values)]
+    residuals = control.get("input") or []
+    bad = next((tuple(r.shape) for r in residuals if r is not None and tuple(r.shape) != tuple(tokens_shape)), None)
+    if foreign or bad is not None:
+        found = f"'{foreign[0]}' residuals" if foreign else f"residuals of shape {list(bad)}"
+        raise ValueError(
+            f"Sana: the applied ControlNet gives {found}, but this Sana model needs residuals of shape "
+            f"{list(tokens_shape)} (batch, tokens, width); it is a ControlNet for another model family or "
+            "another Sana size. Load a Sana ControlNet of this model's size with 'Load Sana ControlNet (Velox)'.")
+    return residuals
+
+
 def _cast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.to(device=like.device, dtype=like.dtype)
 
@@ -485,6 +503,7 @@ class SanaTransformer(nn.Module):
         context_mask: torch.Tensor | None = None,
         guidance: torch.Tensor | float | None = None,
         transformer_options: dict | None = None,
+        control: dict | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         """Predict the flow velocity.
@@ -493,7 +512,9 @@ class SanaTransformer(nn.Module):
         truncated; Sprint models divide by ``timestep_norm_scale`` internally); context:
         (B, L, caption_channels) Gemma features; context_mask: (B, L) 1 keep / 0 pad, bool or
         float; guidance: (B,) or float, the raw guidance scale for Sprint (scaled by
-        ``guidance_embeds_scale`` here; 4.5 when omitted). Returns (B, out_channels, H, W).
+        ``guidance_embeds_scale`` here; 4.5 when omitted); control: ComfyUI's ControlNet output, whose
+        ``control["input"][k]`` (B, N, C) is added to the output of block k + 1 (diffusers'
+        ``controlnet_block_samples`` order). Returns (B, out_channels, H, W).
         """
         options = transformer_options or {}
         B, _, H, W = x.shape
@@ -518,7 +539,8 @@ class SanaTransformer(nn.Module):
         mask_bias = None if context_mask is None else text_mask_to_bias(context_mask.to(x.device), dtype)
 
         # 4. blocks
-        tokens = self._run_blocks(tokens, y, t0, mask_bias, height, width, options)
+        residuals = control_residuals(control, tokens.shape)
+        tokens = self._run_blocks(tokens, y, t0, mask_bias, height, width, options, residuals)
 
         # 5. final layer, unpatchify
         out = self.final_layer(tokens, t)  # (B, N, p*p*out)
@@ -543,7 +565,7 @@ class SanaTransformer(nn.Module):
         return guidance.to(device).float().reshape(-1).expand(batch) * self.guidance_embeds_scale
 
     def _run_blocks(self, x: torch.Tensor, y: torch.Tensor, t0: torch.Tensor, mask_bias: torch.Tensor | None,
-                    height: int, width: int, options: dict) -> torch.Tensor:
+                    height: int, width: int, options: dict, residuals: list | None = None) -> torch.Tensor:
         """ComfyUI hooks: ``patches_replace["dit"][("double_block", i)]`` replaces a whole block,
         ``patches_replace["attn1"][("sana_block", i)]`` replaces block i's linear attention."""
         patches = options.get("patches_replace", {})
@@ -564,6 +586,8 @@ class SanaTransformer(nn.Module):
                 )["img"]
             else:
                 x = block(x, y, t0, mask_bias, height, width, replace, extra)
+            if residuals and 0 < i <= len(residuals) and residuals[i - 1] is not None:
+                x = x + residuals[i - 1].to(x.dtype)
         return x
 
     def _unpatchify(self, x: torch.Tensor, batch: int, height: int, width: int) -> torch.Tensor:

@@ -60,7 +60,9 @@ class VeloxSampler(VeloxNode):
                 io.Float.Input("shift", default=3.0, min=0.0, max=100.0, step=0.01,
                                tooltip="Flow shift (Sana: 3, Sana 4K: 6). Used when preset is 'custom'."),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Below 1 keeps part of the input latent (image-to-image)."),
+                               tooltip="Below 1 keeps part of the input latent (image-to-image). With "
+                               "SANA-Sprint's TrigFlow sampler it is diffusers' img2img strength: of the steps-long "
+                               "schedule the last steps * denoise (rounded up) run."),
             ],
             outputs=[io.Latent.Output()],
         )

@@ -55,6 +55,13 @@ def trigflow_sigmas(steps: int, shift: float | None = None) -> torch.Tensor:
     return trigflow_time_to_flow_sigma(trigflow_times(steps))
 
 
+def img2img_start(steps: int, strength: float) -> int:
+    """Index of the first of ``steps + 1`` times that an image-to-image run starts at, as diffusers'
+    ``SanaSprintImg2ImgPipeline.get_timesteps``: the last ``steps * strength`` steps run, rounded
+    up (2 steps at strength 0.6 both run, from pure noise: the input is all but ignored)."""
+    return int(max(steps - min(steps * strength, steps), 0))
+
+
 def cpu_noise_sampler(x: torch.Tensor, seed: int | None) -> Callable:
     """Fresh Gaussian noise per step from a CPU generator seeded with ``seed + 1``.
 
