@@ -128,15 +128,15 @@ def convert_to_gguf(source: str | Path, destination: str | Path, qtype: str | in
         raise ValueError("convert_to_gguf: device cuda was asked for, but torch sees no CUDA device")
     fallback_type = None if fallback == "auto" else _parse_type(fallback, FLOAT_TYPES, "fallback")
     checkpoint = open_checkpoint(source, component)
-    _refuse_scaled_fp8(checkpoint)
-    chosen = _choose_family(family, list(checkpoint.meta), checkpoint.path)
+    refuse_quantized_source(checkpoint)
+    chosen = choose_family(family, list(checkpoint.meta), checkpoint.path)
     names = select_source_keys(chosen, list(checkpoint.meta))
     blobs = _byte_tensors(checkpoint, names)
     names = [name for name in names if checkpoint.meta[name].is_floating_point()]
     groups = source_groups(chosen, names)
     canonicalize = make_canonicalizer(chosen, names, checkpoint.path)
     choices = _plan(chosen, groups, checkpoint, canonicalize, recipe, fallback_type)
-    variant, extra_metadata = _describe(chosen, names, checkpoint)
+    variant, extra_metadata = describe_variant(chosen, names, checkpoint)
     metadata = {**_metadata(chosen, checkpoint, recipe, variant, extra_metadata, choices), **blobs}
     stream = _stream(choices, groups, checkpoint, canonicalize, device)
     by_name = {choice.name: choice for choice in choices}
@@ -169,7 +169,7 @@ def _parse_type(value: str | int, allowed: tuple[Q, ...], what: str) -> Q:
     return qtype
 
 
-def _refuse_scaled_fp8(checkpoint: LazyCheckpoint) -> None:
+def refuse_quantized_source(checkpoint: LazyCheckpoint) -> None:
     if any(k.endswith((".scale_weight", ".weight_scale", ".comfy_quant")) or k == "scaled_fp8" for k in checkpoint.meta):
         raise VeloxLoadError(checkpoint.path, "is a scaled-fp8 / comfy_quant checkpoint (weights times scales)",
                              "a bf16 / fp16 / fp32 checkpoint to convert (GGUF from fp8 would compound errors)")
@@ -188,7 +188,7 @@ def _byte_tensors(checkpoint: LazyCheckpoint, names: list[str]) -> dict[str, byt
     return blobs
 
 
-def _choose_family(name: str, keys: list[str], path: Path) -> GGUFFamily:
+def choose_family(name: str, keys: list[str], path: Path) -> GGUFFamily:
     if name == "auto":
         return detect_family(keys, path)
     if name not in FAMILIES:
@@ -230,19 +230,32 @@ def choose_storage(family: GGUFFamily, name: str, meta: torch.Tensor, requested:
         keep_dims = qtype in FLOAT_TYPES and len(shape) <= 4
         return TensorChoice(name, group, int(qtype), shape, (shape or (1,)) if keep_dims else flat, note)
 
-    if len(shape) <= 1 or numel <= SMALL_TENSOR or family.keeps_f32(name):
+    if stays_f32(family, name, shape):
         return stored(Q.F32 if meta.dtype in (torch.float32, torch.bfloat16, torch.float64) else Q.F16)
     if requested in FLOAT_TYPES:
         return stored(requested)
-    if family.keeps_float(name):
-        return stored(float_type, "never-quantize list")
-    if len(shape) != 2:  # convs stay float: Velox's GGUF layers are linears (city96's lcpp.patch rule too)
-        return stored(float_type, f"{len(shape)}-D weight")
+    if reason := float_reason(family, name, shape):
+        return stored(float_type, reason)
     block_size, _ = block_layout(requested)
     row = numel // shape[0]
     if row % block_size:
         return stored(float_type, f"rows of {row} are not whole {requested.name} blocks of {block_size}")
     return stored(requested)
+
+
+def stays_f32(family: GGUFFamily, name: str, shape: tuple[int, ...]) -> bool:
+    """1-D and small tensors and the family's F32 parameters: never quantized, stored at full precision."""
+    numel = int(np.prod(shape)) if shape else 1
+    return len(shape) <= 1 or numel <= SMALL_TENSOR or family.keeps_f32(name)
+
+
+def float_reason(family: GGUFFamily, name: str, shape: tuple[int, ...]) -> str:
+    """Why a weight stays in its float type whatever was asked for ("" when it may be quantized)."""
+    if family.keeps_float(name):
+        return "never-quantize list"
+    if len(shape) != 2:  # convs stay float: Velox's quantized layers are linears (city96's lcpp.patch rule too)
+        return f"{len(shape)}-D weight"
+    return ""
 
 
 def _swap_note(choice: TensorChoice, final: int) -> str:
@@ -256,7 +269,7 @@ def _swap_note(choice: TensorChoice, final: int) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def _describe(family: GGUFFamily, names: list[str], checkpoint: LazyCheckpoint) -> tuple[str, dict]:
+def describe_variant(family: GGUFFamily, names: list[str], checkpoint: LazyCheckpoint) -> tuple[str, dict]:
     """(variant name, extra metadata) from the family's own detector, on shapes (and Sana's PE buffer)."""
     meta = {name: checkpoint.meta[name] for name in names}
     if family.name == "sana":

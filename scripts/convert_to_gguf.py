@@ -1,7 +1,8 @@
-"""Convert a checkpoint to GGUF: Sana, Wan, VideoCrafter / DynamiCrafter, umT5 and Gemma-2.
+"""Convert a checkpoint to GGUF (Sana, Wan, VideoCrafter / DynamiCrafter, umT5, Gemma-2) or to core's NVFP4.
 
     python scripts/convert_to_gguf.py wan2.1_t2v_14B_bf16.safetensors --type Q4_K --device cuda
     python scripts/convert_to_gguf.py Sana_1600M_1024px_diffusers/ sana_1600m_Q8_0.gguf --type Q8_0
+    python scripts/convert_to_gguf.py wan2.1_t2v_14B_bf16.safetensors --format nvfp4
 
 Sources: a .safetensors file, a sharded *.safetensors.index.json, a diffusers folder (its
 ``--component``, default transformer) or a weights-only .pth/.pt/.ckpt. Types: Q8_0, Q4_0, Q5_0,
@@ -11,6 +12,10 @@ BF16, F32. Norms, biases, embeddings, modulation, heads and time / text embedder
 why. Tensors are read, quantized and written one at a time (one block for Sana), so memory stays
 near one layer; ``--device cuda`` quantizes on the GPU (on one CPU core Q4_K takes about 0.5 s per
 million weights, the legacy types ~100x less).
+
+``--format nvfp4`` (Sana and Wan) writes ComfyUI core's NVFP4 safetensors instead (``comfy_quant``
+layers: e2m1 codes, e4m3 block scales, an fp32 global scale; ``loaders/nvfp4_convert.py``), with
+the same keep-in-high-precision rules; ``--type`` and ``--fallback`` do not apply to it.
 """
 
 from __future__ import annotations
@@ -30,7 +35,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", type=Path, help="checkpoint file, *.safetensors.index.json or diffusers folder")
     parser.add_argument("destination", type=Path, nargs="?",
-                        help="output .gguf (default: <source name>-<TYPE>.gguf next to the source)")
+                        help="output file (default: <source name>-<TYPE>.gguf or -NVFP4.safetensors next to "
+                        "the source)")
+    parser.add_argument("--format", default="gguf", choices=sorted(FORMATS),
+                        help="gguf, or nvfp4: ComfyUI core's NVFP4 safetensors (Sana and Wan)")
     parser.add_argument("--type", default="Q8_0",
                         help="Q8_0, Q4_0, Q5_0, Q4_K, Q5_K, Q6_K, Q4_K_M, Q5_K_M (V and FFN-down in Q6_K), "
                         "F16, BF16 or F32")
@@ -46,8 +54,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def default_destination(source: Path, qtype: str) -> Path:
-    return source.with_name(f"{source.name.split('.')[0]}-{qtype.upper()}.gguf")
+SOURCE_SUFFIXES = (".safetensors.index.json", ".safetensors", ".pth", ".pt", ".ckpt", ".bin")
+
+
+def default_destination(source: Path, qtype: str, file_format: str = "gguf") -> Path:
+    """``wan2.1_t2v_14B_bf16.safetensors`` -> ``wan2.1_t2v_14B_bf16-Q4_K.gguf`` / ``-NVFP4.safetensors``."""
+    tag, suffix = (qtype.upper(), ".gguf") if file_format == "gguf" else ("NVFP4", ".safetensors")
+    stem = next((source.name.removesuffix(end) for end in SOURCE_SUFFIXES if source.name.endswith(end)), source.name)
+    return source.with_name(f"{stem}-{tag}{suffix}")
+
+
+def convert_gguf(args: argparse.Namespace, destination: Path, progress):
+    from velox.loaders.gguf_convert import convert_to_gguf
+
+    return convert_to_gguf(args.source, destination, args.type, args.family, args.fallback,
+                           args.component, args.device, progress)
+
+
+def convert_nvfp4(args: argparse.Namespace, destination: Path, progress):
+    from velox.loaders.nvfp4_convert import convert_to_nvfp4
+
+    return convert_to_nvfp4(args.source, destination, args.family, args.component, args.device, progress)
+
+
+def gguf_label(choice) -> str:
+    from velox.kernels.gguf_types import type_name
+
+    return type_name(choice.qtype)
+
+
+# --format -> (converter, the label of a tensor's storage in the table)
+FORMATS = {"gguf": (convert_gguf, gguf_label), "nvfp4": (convert_nvfp4, lambda choice: choice.storage)}
 
 
 class Progress:
@@ -87,11 +124,10 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     from velox.errors import VeloxLoadError
-    from velox.kernels.gguf_types import type_name
-    from velox.loaders.gguf_convert import convert_to_gguf
     from velox.loaders.gguf_source import open_checkpoint
 
-    destination = args.destination or default_destination(args.source, args.type)
+    convert, label = FORMATS[args.format]
+    destination = args.destination or default_destination(args.source, args.type, args.format)
     if destination.exists() and not args.overwrite:
         print(f"{destination} exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
@@ -99,8 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         total = len(open_checkpoint(args.source, args.component).meta)
         progress = Progress(total, not args.quiet)
         start = time.perf_counter()
-        report = convert_to_gguf(args.source, destination, args.type, args.family, args.fallback,
-                                 args.component, args.device, progress)
+        report = convert(args, destination, progress)
         progress.close()
     except (VeloxLoadError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -108,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         for choice in report.tensors:
             note = f"  ({choice.note})" if choice.note else ""
-            print(f"{choice.name:<60} {list(choice.shape)!s:<24} {type_name(choice.qtype)}{note}")
+            print(f"{choice.name:<60} {list(choice.shape)!s:<24} {label(choice)}{note}")
     for note in report.notes:
         print(f"note: {note}")
     size = destination.stat().st_size / 2**30

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from velox_import import register_pack  # noqa: E402
 
-DEMO_VERSION = "9"  # bump when a tiny model or a file name changes
+DEMO_VERSION = "10"  # bump when a tiny model or a file name changes
 
 SANA_FILE = "diffusion_models/Sana_1600M_1024px_BF16.pth"
 SPRINT_FILE = "diffusion_models/Sana_Sprint_1.6B_1024px.pth"
@@ -185,6 +185,9 @@ WRITERS.update(VIDEOCRAFTER_WRITERS)
 from demo_models_controlnet import CONTROLNET_WRITERS  # noqa: E402
 
 WRITERS.update(CONTROLNET_WRITERS)
+from demo_models_nvfp4 import NVFP4_WRITERS  # noqa: E402  (after the models it converts)
+
+WRITERS.update(NVFP4_WRITERS)
 
 
 def main(argv: list[str] | None = None) -> int:
