@@ -71,7 +71,9 @@ newer_host() {  # newer_host TARBALL: the tiers that depend on the host, on a se
   run_tier "ComfyUI imports the pack ($name)" import_check "$host" "$venv"
   run_tier "browser tier ($name)" env COMFYUI_PATH="$host" "$venv/bin/python" -P -m pytest -m browser -q -rs tests/browser
   local front; front=$(frontend_root "$NEWEST_FRONTEND") || { FAILED_TIERS+=("frontend $NEWEST_FRONTEND install"); return; }
+  # its job and asset panels need a newer server's API: the canvas image is checked, not the sidebar
   run_tier "browser tier ($name, frontend $NEWEST_FRONTEND)" env COMFYUI_PATH="$host" VELOX_FRONT_END_ROOT="$front" \
+    VELOX_CHECK_OUTPUT_SIDEBAR=0 \
     "$venv/bin/python" -P -m pytest -m browser -q -rs tests/browser
   run_tier "comfy tier ($name)" env COMFYUI_PATH="$host" "$venv/bin/python" -P -m pytest -m "comfy and not gpu" -q
 }

@@ -27,7 +27,8 @@ SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}
 INIT_SCRIPT = "localStorage.setItem('vueNodesBannerDismissed', 'true');"
 RUN_EVENTS = ["execution_start", "executed", "execution_error", "execution_success", "execution_interrupted"]
 # Sidebars that list queued outputs, by frontend generation: found by feature, never by version number.
-OUTPUT_SIDEBAR_BUTTONS = [".queue-tab-button", ".assets-tab-button"]
+# (1.32: Queue tab; 1.35: Assets tab with its own class; 1.58: Assets tab known only by its label.)
+OUTPUT_SIDEBAR_BUTTONS = [".queue-tab-button", ".assets-tab-button", 'button.side-bar-button[aria-label^="Assets"]']
 
 # The only inputs the UI = API comparison tolerates: ones a frontend extension adds to, or stops
 # serializing on, a CORE node. Velox's nodes and every value a workflow sets stay strict.
@@ -134,7 +135,7 @@ def widget_problems(workflow: str, ui: dict, live: list[dict]) -> list[str]:
     """Every node type is registered; every Velox node shows its widgets with the saved values; every
     combo value (model files included) is one the server offers."""
     problems = []
-    saved = {node["id"]: node for node in ui.get("nodes", [])}
+    saved = {str(node["id"]): node for node in ui.get("nodes", [])}  # newer frontends use string ids
     for node in live:
         title = f" {node['title']!r}" if node.get("title") else ""
         label = f"node {node['id']} ({node['type']}{title})"
@@ -149,7 +150,7 @@ def widget_problems(workflow: str, ui: dict, live: list[dict]) -> list[str]:
                                 f"which is not among the server's choices (missing model?)")
         if not node["type"].startswith("Velox"):
             continue
-        values = saved.get(node["id"], {}).get("widgets_values")
+        values = saved.get(str(node["id"]), {}).get("widgets_values")
         if isinstance(values, dict):
             values = [values.get(widget["name"]) for widget in widgets]
         values = list(values or [])

@@ -3,10 +3,16 @@ the saved values, the frontend's prompt equals the committed API twin, and a Run
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from browser_helpers import WORKFLOWS, check_workflow, example_workflows, load_api_twin, load_ui_workflow
 
 pytestmark = pytest.mark.browser
+# The newest frontend (1.58) lists jobs and generated assets through a newer server's jobs API: served
+# by ComfyUI 0.8.0 both its Job Queue and its Assets panel stay empty (seen 2026-12-07), so that tier
+# (scripts/test.sh) checks the image on the canvas only.
+CHECK_OUTPUT_SIDEBAR = os.environ.get("VELOX_CHECK_OUTPUT_SIDEBAR", "1") != "0"
 
 
 def test_there_are_example_workflows():
@@ -31,4 +37,5 @@ def test_workflow_loads_converts_queues_and_shows_its_output(frontend, screensho
     assert result["images"], f"{name}: the run ended but no output image appeared on the canvas"
     for image in result["images"]:
         assert image["width"] > 0 and image["height"] > 0, f"{name}: empty image {image}"
-    frontend.queue_sidebar_images([image["filename"] for image in result["images"]])
+    if CHECK_OUTPUT_SIDEBAR:
+        frontend.queue_sidebar_images([image["filename"] for image in result["images"]])
