@@ -10,13 +10,14 @@ preview callback count the whole run.
 
 from __future__ import annotations
 
-import comfy.model_management
 import comfy.sample
 import comfy.utils
 import latent_preview
 import torch
 
+from ..sampling.wan_residency import HIGH, LOW
 from .sampling import conditioning_on
+from .wan_residency import expert_plan, prepared_expert, put_away
 
 # unet_config fields that must agree between two experts (Wan: width, depth, channels in and out)
 EXPERT_SHAPE_FIELDS = ("image_model", "dim", "ffn_dim", "num_layers", "in_dim", "out_dim", "model_type")
@@ -84,41 +85,51 @@ def _sample(model, noise, cfg, sampler, sigmas, positive, negative, latent_image
 
 
 def release_expert(done, following) -> None:
-    """Take the finished expert off the GPU before the next one loads, so that only one A14B expert
-    (about 28 GB in bf16) is ever resident. Core's loader would keep both whenever they fit, and evict
-    by its own order otherwise; a clone of the same weights is left alone."""
+    """Take the finished expert off the GPU before ``following`` runs: free when the plan keeps a pinned
+    host copy of it (``host/wan_residency.py``); a clone of the same weights is left alone."""
     if done is following or done.is_clone(following):
         return
-    loaded_models = comfy.model_management.current_loaded_models
-    for i in range(len(loaded_models) - 1, -1, -1):
-        patcher = loaded_models[i].model
-        if patcher is not None and patcher.is_clone(done) and loaded_models[i].model_unload():
-            loaded_models.pop(i)
-    comfy.model_management.soft_empty_cache()
+    put_away(done)
+
+
+def _phase_experts(high, low) -> dict:
+    """The distinct experts in run order: one entry when both phases run the same weights (Wan 2.1)."""
+    return {HIGH: high} if low is high or low.is_clone(high) else {HIGH: high, LOW: low}
+
+
+def _enter_phase(phase: str, experts: dict, plan) -> None:
+    for name, patcher in experts.items():
+        if name not in plan.allowed(phase):
+            release_expert(patcher, experts[phase])
 
 
 def sample_two_experts(high, low, positive, negative, latent: dict, seed: int, cfg_high: float, cfg_low: float,
-                       sampler_high, sampler_low, sigmas: torch.Tensor, switch_step: int) -> dict:
+                       sampler_high, sampler_low, sigmas: torch.Tensor, switch_step: int,
+                       vram_budget_gb: float = 0.0) -> dict:
     """High-noise expert for steps ``< switch_step``, low-noise expert for the rest; returns a LATENT.
 
     ``latent["samples"]``: (B, C, T, H, W) for video. ``sigmas``: steps + 1, decreasing.
+    ``vram_budget_gb``: the most VRAM the run may use (0: the card's free memory); it picks the residency plan.
     """
     total = len(sigmas) - 1
     k = max(0, min(int(switch_step), total))
     latent_image = comfy.sample.fix_empty_latent_channels(high, latent["samples"])
+    experts = _phase_experts(high, low)
+    plan = expert_plan(experts, latent_image.shape, vram_budget_gb)
+    run_high, run_low = prepared_expert(high, plan), prepared_expert(low, plan)
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     noise_mask = latent.get("noise_mask")
     callback = latent_preview.prepare_callback(high, total)
     samples = latent_image
     if k > 0:
-        release_expert(low, high)  # left loaded by an earlier run
-        samples = _sample(high, noise, cfg_high, sampler_high, sigmas[:k + 1], positive, negative, latent_image,
-                          noise_mask, _offset_callback(callback, 0, total), seed)
+        _enter_phase(HIGH, experts, plan)  # the low expert may be left loaded by an earlier run
+        samples = _sample(run_high, noise, cfg_high, sampler_high, sigmas[:k + 1], positive, negative,
+                          latent_image, noise_mask, _offset_callback(callback, 0, total), seed)
     if k < total:
         if k > 0:  # continue from the leftover noise, as KSamplerAdvanced with add_noise disabled
             noise = torch.zeros(samples.size(), dtype=samples.dtype, layout=samples.layout, device="cpu")
-            release_expert(high, low)
-        samples = _sample(low, noise, cfg_low, sampler_low, sigmas[k:], positive, negative, samples,
+        _enter_phase(LOW if LOW in experts else HIGH, experts, plan)
+        samples = _sample(run_low, noise, cfg_low, sampler_low, sigmas[k:], positive, negative, samples,
                           noise_mask, _offset_callback(callback, k, total), seed)
     out = latent.copy()
     out["samples"] = samples

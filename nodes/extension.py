@@ -6,6 +6,7 @@ from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
 from .lora_nodes import LORA_NODES
+from .lora_training_nodes import LORA_TRAINING_NODES
 from .sampler_nodes import SAMPLER_NODES
 from .sana_controlnet_nodes import SANA_CONTROLNET_NODES
 from .sana_guidance_nodes import SANA_GUIDANCE_NODES
@@ -19,4 +20,4 @@ class VeloxExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [*SANA_NODES, *SANA_CONTROLNET_NODES, *SAMPLER_NODES, *SANA_GUIDANCE_NODES, *WAN_LOADER_NODES, *WAN_SAMPLING_NODES,
-                *LORA_NODES, *VIDEOCRAFTER_NODES]
+                *LORA_NODES, *VIDEOCRAFTER_NODES, *LORA_TRAINING_NODES]

@@ -80,6 +80,11 @@ class WanExpertSampler(VeloxNode):
                                tooltip="Official boundary: 0.875 T2V, 0.9 I2V. Used with switch 'boundary'."),
                 io.Int.Input("switch_step", default=20, min=0, max=1000,
                              tooltip="First step of the low-noise expert. Used with switch 'step'."),
+                io.Float.Input("vram_budget_gb", default=0.0, min=0.0, max=1024.0, step=0.5, optional=True,
+                               tooltip="The most GPU memory (GB) the experts and the VAE may use; 0 = automatic "
+                               "(the card's free memory). Both experts stay on the card when they fit with room "
+                               "for activations and the VAE; else one at a time, put away to a pinned host copy "
+                               "at no cost; else streamed from it."),
             ],
             outputs=[io.Latent.Output()],
         )
@@ -87,7 +92,7 @@ class WanExpertSampler(VeloxNode):
     @classmethod
     def execute(cls, model_high_noise, positive, negative, latent_image, preset, seed, steps, cfg_high_noise,
                 cfg_low_noise, sampler_name, scheduler, shift, switch, boundary, switch_step,
-                model_low_noise=None) -> io.NodeOutput:
+                model_low_noise=None, vram_budget_gb=0.0) -> io.NodeOutput:
         steps, cfg_high, cfg_low, sampler_name, scheduler, shift, switch, boundary, switch_step = _wan_settings(
             preset, steps, cfg_high_noise, cfg_low_noise, sampler_name, scheduler, shift, switch, boundary,
             switch_step)
@@ -102,7 +107,8 @@ class WanExpertSampler(VeloxNode):
         else:
             k = expert_switch_step(sigmas, boundary) if switch == SWITCH_BOUNDARY else switch_step
         out = sample_two_experts(high, low, positive, negative, latent_image, seed, cfg_high, cfg_low,
-                                 sampler_object(sampler_name), sampler_object(sampler_name), sigmas, k)
+                                 sampler_object(sampler_name), sampler_object(sampler_name), sigmas, k,
+                                 vram_budget_gb=vram_budget_gb or 0.0)
         return io.NodeOutput(out)
 
 

@@ -185,8 +185,17 @@ def test_experts_are_really_switched_and_cfg_is_per_expert(experts, conds):
     assert not torch.equal(both, node_run(high, low, conds, video_latent(), cfg_high_noise=5.0))
 
 
-def test_only_one_expert_is_loaded_at_a_time_run_after_run(experts, conds):
+def test_only_one_expert_is_loaded_at_a_time_run_after_run(experts, conds, monkeypatch):
+    """On a card that holds one expert with room to spare but not two (the residency plan one_at_a_time;
+    every card size: tests/unit/test_wan_residency.py)."""
     import comfy.model_management as mm
+
+    import velox.host.wan_residency as residency
+
+    one_and_a_half = experts[0].model_size() * 3 // 2
+    monkeypatch.setattr(residency, "card_memory", lambda device, experts: one_and_a_half)
+    monkeypatch.setattr(residency, "headroom_bytes", lambda patcher, shape: 0)
+    mm.unload_all_models()
 
     def loaded(expert) -> bool:
         return any(m.model is not None and m.model.is_clone(expert) for m in mm.current_loaded_models)
