@@ -17,14 +17,15 @@ def loader(prompt: dict, class_type: str) -> dict:
 
 def test_gguf_files_are_listed_by_the_sana_and_wan_loaders(server):
     info = server.get_json("/object_info")
-    for node, name in (("VeloxSanaLoader", "Sana_1600M_1024px_BF16-Q8_0.gguf"),
-                       ("VeloxWanLoader", "Wan2.1_14B_VACE-Q4_K_M.gguf")):
+    selectors = ["quantization", "quant_compute"]
+    for node, name, optional_inputs in (("VeloxSanaLoader", "Sana_1600M_1024px_BF16-Q8_0.gguf", selectors),
+                                        ("VeloxWanLoader", "Wan2.1_14B_VACE-Q4_K_M.gguf", [*selectors, "attention"])):
         spec = info[node]["input"]["required"]["model_name"]
         options = spec[1]["options"] if spec[0] == "COMBO" else spec[0]
         assert name in options, f"{name} not offered by {node}"
         optional = info[node]["input"]["optional"]
-        assert list(optional) == ["quantization", "quant_compute"]
-        assert info[node]["input_order"]["optional"] == ["quantization", "quant_compute"]
+        assert list(optional) == optional_inputs
+        assert info[node]["input_order"]["optional"] == optional_inputs
 
 
 def test_sana_t2i_gguf_workflow_writes_an_image(server):

@@ -285,8 +285,9 @@ def test_loader_nodes_list_gguf_and_pass_the_selector(converted, tmp_path, monke
     try:
         for node, (_, first) in nodes.items():
             inputs = node.define_schema().inputs
-            assert [i.id for i in inputs] == [first, "variant", "weight_dtype", "quantization", "quant_compute"]
-            assert inputs[-1].optional and inputs[-2].optional
+            assert [i.id for i in inputs] == [first, "variant", "weight_dtype", "quantization", "quant_compute",
+                                              "attention"]
+            assert inputs[-1].optional and inputs[-2].optional and inputs[-3].optional
             assert "vc2_Q8_0.gguf" in inputs[0].options
         model = VideoCrafterUNetLoader.execute("vc2_Q8_0.gguf", "auto", "fp32").args[0]
         assert any(m.weight_kind == "gguf" for m in _quant_linears(model).values())
