@@ -13,7 +13,7 @@ export COMFYUI_PATH=$HOST
 echo "== newest versions in $VELOX_VENV"
 "$VELOX_VENV/bin/python" -m pip list --format=freeze 2>/dev/null \
   | grep -iE '^(transformers|diffusers|safetensors|gguf|numpy|huggingface.hub|kernels|tokenizers|sentencepiece|protobuf|einops|pytest)=='
-echo "== pytest (unit + comfy tiers, newest versions)"
+echo "== pytest (unit, fuzz and comfy tiers, newest versions)"
 "$VELOX_VENV/bin/python" -P -m pytest -m "(unit or fuzz or comfy) and not gpu" -q
 if [ "${1:-}" = --update-lock ]; then
   bash scripts/lock_requirements.sh "$VELOX_VENV"
