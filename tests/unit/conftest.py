@@ -64,3 +64,24 @@ def _interpreted_copy(kernel: str) -> ModuleType:
 def interpreted_kernel():
     """``interpreted_kernel("int8_gemm_triton")``: the kernel file under the Triton interpreter."""
     return _interpreted_copy
+
+
+@pytest.fixture
+def count_tensor_loads(monkeypatch):
+    """``count_tensor_loads(module)``: wrap ``module.open_checkpoint`` so every tensor load is recorded
+    by name (the converters stream a checkpoint; the tests check each tensor is read once, in order)."""
+
+    def install(module) -> list[str]:
+        loads: list[str] = []
+        opened = module.open_checkpoint
+
+        def counting(path, component):
+            checkpoint = opened(path, component)
+            for name, load in list(checkpoint.loaders.items()):
+                checkpoint.loaders[name] = (lambda n=name, f=load: loads.append(n) or f())
+            return checkpoint
+
+        monkeypatch.setattr(module, "open_checkpoint", counting)
+        return loads
+
+    return install

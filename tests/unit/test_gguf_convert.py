@@ -172,19 +172,10 @@ def test_bare_videocrafter_unet_quantizes_its_matrices(tmp_path):
     assert quantized and not any("time_embed" in n or n.startswith("out.") for n in quantized)
 
 
-def test_groups_are_read_one_at_a_time_and_each_tensor_once(tmp_path, sana_pe, monkeypatch):
+def test_groups_are_read_one_at_a_time_and_each_tensor_once(tmp_path, sana_pe, count_tensor_loads):
     config, state_dict = sana_pe
     folder = tiny_sana.write_diffusers_folder(tmp_path / "sana_diffusers", config, state_dict)
-    loads: list[str] = []
-    opened = gguf_convert.open_checkpoint
-
-    def counting(path, component):
-        checkpoint = opened(path, component)
-        for name, load in list(checkpoint.loaders.items()):
-            checkpoint.loaders[name] = (lambda n=name, f=load: loads.append(n) or f())
-        return checkpoint
-
-    monkeypatch.setattr(gguf_convert, "open_checkpoint", counting)
+    loads = count_tensor_loads(gguf_convert)
     convert_to_gguf(folder, tmp_path / "s.gguf", "Q8_0")
     assert sorted(loads) == sorted(set(loads))
     blocks = [int(n.split(".")[1]) for n in loads if n.startswith("transformer_blocks.")]

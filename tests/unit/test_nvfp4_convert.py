@@ -160,18 +160,9 @@ def test_storage_rules_per_tensor(name, shape, dtype, storage, note):
     assert choice.storage == storage and note in choice.note
 
 
-def test_groups_are_read_one_at_a_time_and_each_tensor_once(tmp_path, monkeypatch):
+def test_groups_are_read_one_at_a_time_and_each_tensor_once(tmp_path, count_tensor_loads):
     source, _ = sana_source(tmp_path)
-    loads: list[str] = []
-    opened = nvfp4_convert.open_checkpoint
-
-    def counting(path, component):
-        checkpoint = opened(path, component)
-        for name, load in list(checkpoint.loaders.items()):
-            checkpoint.loaders[name] = (lambda n=name, f=load: loads.append(n) or f())
-        return checkpoint
-
-    monkeypatch.setattr(nvfp4_convert, "open_checkpoint", counting)
+    loads = count_tensor_loads(nvfp4_convert)
     convert_to_nvfp4(source, tmp_path / "s.safetensors")
     assert sorted(loads) == sorted(set(loads))
     blocks = [int(n.split(".")[1]) for n in loads if n.startswith("transformer_blocks.")]
