@@ -3,6 +3,7 @@ relative L2 vs an fp32 reference, for
 
 - ``cudnn`` / ``flash``: PyTorch SDPA pinned to one backend (cuDNN is what plain SDPA picks on an H100);
 - ``8bit_fast`` / ``8bit_accurate``: ``velox.kernels.attention_8bit`` (issue #16);
+- ``fa3``: FlashAttention-3 bf16 (the ``fa3-fwd`` wheel), the loaders' ``fa3`` choice, when it can run;
 - ``sageattention``: sageattention 1.0.6 (PyPI, Triton; INT8 Q.Kᵀ, fp16 P.V), when importable.
 
 Inputs are Gaussian with a per-head offset in K (what K smoothing is for). The fp32 reference is
@@ -58,11 +59,16 @@ def sdpa_on(backend):
 def methods() -> dict:
     from torch.nn.attention import SDPBackend
 
+    from velox.host.attention_select import fa3_attention, fa3_available
     from velox.kernels.attention_8bit import attention
 
     found = {"cudnn": sdpa_on(SDPBackend.CUDNN_ATTENTION), "flash": sdpa_on(SDPBackend.FLASH_ATTENTION),
              "8bit_fast": lambda q, k, v: attention(q, k, v),
              "8bit_accurate": lambda q, k, v: attention(q, k, v, accurate=True)}
+    if not fa3_available():
+        found["fa3"] = fa3_attention
+    else:
+        print(f"bench: fa3 not available ({fa3_available()})", flush=True)
     try:
         from sageattention import sageattn
 

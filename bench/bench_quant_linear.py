@@ -11,6 +11,8 @@ Paths, each with its relative L2 error against the bf16 output of the same float
 - ``fp8_dequant`` / ``int8_dequant`` / ``q8_0_dequant`` / ``q4_k_dequant``: dequantize the weight
   to bf16 (Triton), then the bf16 GEMM: what ``quant_compute=dequant`` does per call
   (``fp8_dequant_torch_ops``: the same with PyTorch's three-pass dequantization);
+- ``nvfp4_fused_<BMxBNxBKxWARPSxSTAGES>`` / ``nvfp4_dequant``: core's NVFP4 layout, the fused dequant-GEMM
+  (``kernels/nvfp4_triton.py``) at each launch config, or the standalone dequant + bf16 GEMM;
 - ``q8_0_fused`` / ``q4_k_fused``: the fused dequant-GEMM kernels (``kernels/gguf_dequant_gemm_triton.py``);
   where they beat ``*_dequant`` sets ``host/quant_ops.FUSED_DEQUANT_GEMM_MAX_TOKENS`` (try ``--tokens 2048 1024``).
 
@@ -82,6 +84,34 @@ def quantized_paths(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -
             blocks.numel())
         paths[f"{qtype.name.lower()}_fused"] = (
             lambda blocks=blocks, qtype=qtype: FUSED_LINEARS[int(qtype)](x, blocks, shape, bias), blocks.numel())
+    paths.update(nvfp4_paths(x, weight, bias))
+    return paths
+
+
+NVFP4_GEMM_CONFIGS = ((128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+                      (128, 128, 64, 4, 4), (64, 256, 64, 4, 4), (128, 256, 128, 8, 3), (128, 64, 128, 4, 4))
+
+
+def nvfp4_paths(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> dict:
+    """NVFP4 (issue #23): the fused dequant-GEMM at each launch config, and dequantize + bf16 GEMM."""
+    from velox.kernels import nvfp4_triton
+    from velox.kernels.nvfp4_torch import quantize_nvfp4
+
+    packed, scales, scale = quantize_nvfp4(weight)
+    shape, stored = tuple(weight.shape), packed.numel() + scales.numel() + 4
+
+    def fused(config):
+        def run():
+            nvfp4_triton.GEMM_CONFIG = config
+            return nvfp4_triton.nvfp4_linear_triton(x, packed, scales, scale, shape, bias)
+        return run
+
+    paths = {"nvfp4_dequant": (lambda: F.linear(x, nvfp4_triton.dequantize_nvfp4_triton(
+        packed, scales, scale, x.dtype, shape), bias), stored),
+             "nvfp4_dequant_only": (lambda: nvfp4_triton.dequantize_nvfp4_triton(
+                 packed, scales, scale, x.dtype, shape), stored)}
+    for config in NVFP4_GEMM_CONFIGS:
+        paths["nvfp4_fused_" + "x".join(map(str, config))] = (fused(config), stored)
     return paths
 
 
@@ -108,7 +138,8 @@ def bench_layer(name: str, tokens: int, in_features: int, out_features: int, rep
             record = {"bench": "quant_linear", "layer": name, "tokens": tokens, "in": in_features,
                       "out": out_features, "path": path, "s": round(seconds, 6),
                       "speedup_vs_bf16": round(bf16_s / seconds, 3), "weight_mb": round(weight_bytes / 1e6, 1)}
-            if path not in ("int8_act_quant_only", "torch_int_mm", "int8_gemm_only", "fp8_act_quant_only"):
+            if path not in ("int8_act_quant_only", "torch_int_mm", "int8_gemm_only", "fp8_act_quant_only",
+                            "nvfp4_dequant_only"):
                 record["rel_err_vs_bf16"] = round(relative_l2(out, reference), 5)
             emit(record)
 

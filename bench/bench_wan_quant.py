@@ -7,7 +7,10 @@ Variants (``--variants``):
 - ``q8_0`` / ``q4_k``: GGUF blocks kept packed, dequantized per call (Triton), city96's never-quantize
   list (Q4_K: every quantized weight in Q4_K, a lower bound for Q4_K_M);
 - ``fp8_dequant`` / ``fp8_lowp`` / ``int8_lowp``: fp8 / int8 per-channel weights, dequantize + bf16
-  GEMM, or W8A8 with per-token activation scales (FP8 ``_scaled_mm``, INT8 Velox's Triton kernel).
+  GEMM, or W8A8 with per-token activation scales (FP8 ``_scaled_mm``, INT8 Velox's Triton kernel);
+- ``nvfp4``: core's NVFP4 layout kept packed, Velox's dequant-GEMM (issue #23);
+- ``<weights>_attn_<choice>``: the same weights with the loaders' ``attention`` choice (``fa3``, ``8bit``,
+  ``8bit-accurate``) installed as ComfyUI's ``optimized_attention_override`` (issue #16).
 
 Weights are random at the real shapes (one bf16 state dict made on the GPU), quantized on the GPU.
 Each forward's output is compared with ``native_bf16``'s (relative L2). Targets (issue #4): Q4_K and
@@ -28,10 +31,18 @@ WAN_14B = dict(model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, 
                freq_dim=256, text_dim=4096, out_dim=16, num_heads=40, num_layers=40)
 LATENT = (1, 16, 21, 60, 104)  # 81 frames -> 21 latent frames, 480x832 / 8; patches of 1x2x2 -> 32 760 tokens
 VARIANTS = ("native_bf16", "ours_bf16", "q8_0", "q4_k", "q4_k_lora4", "fp8_dequant", "fp8_lowp", "fp8_lowp_exact_accum",
-            "int8_lowp")
+            "int8_lowp", "nvfp4", "native_bf16_attn_fa3", "native_bf16_attn_8bit", "native_bf16_attn_8bit-accurate",
+            "fp8_lowp_attn_8bit", "fp8_lowp_attn_8bit-accurate")
 LORAS, LORA_RANK = 4, 128  # q4_k_lora4: issue #6's stack, unmerged side products on every quantized Linear
 QUANTIZE_AT_LOAD = {"fp8_dequant": ("fp8_e4m3", "dequant"), "fp8_lowp": ("fp8_e4m3", "lowp"),
-                    "fp8_lowp_exact_accum": ("fp8_e4m3", "lowp"), "int8_lowp": ("int8", "lowp")}
+                    "fp8_lowp_exact_accum": ("fp8_e4m3", "lowp"), "int8_lowp": ("int8", "lowp"),
+                    "nvfp4": ("nvfp4", "dequant")}
+
+
+def split_variant(variant: str) -> tuple[str, str | None]:
+    """``fp8_lowp_attn_8bit`` -> (``fp8_lowp``, ``8bit``): the weights' variant and the attention choice."""
+    weights, _, attention = variant.partition("_attn_")
+    return weights, attention or None
 
 
 def random_state_dict() -> dict[str, torch.Tensor]:
@@ -55,6 +66,7 @@ def random_state_dict() -> dict[str, torch.Tensor]:
 
 
 def build(variant: str, state: dict[str, torch.Tensor]):
+    variant, _ = split_variant(variant)
     import comfy.ldm.wan.model
     import comfy.ops
     from gguf import GGMLQuantizationType as Q
@@ -128,8 +140,13 @@ def main() -> None:
         model = build(variant, state)
         # fp8_lowp runs as shipped (fast accumulation); fp8_lowp_exact_accum promotes partial sums
         fp8_linear.FAST_ACCUM = shipped_fast_accum and not variant.endswith("_exact_accum")
+        options = {}
+        if attention := split_variant(variant)[1]:
+            from velox.host.attention_select import OVERRIDES
+
+            options["optimized_attention_override"] = OVERRIDES[attention]
         with torch.inference_mode():
-            run = lambda model=model: model(x, t, context)  # noqa: E731
+            run = lambda model=model: model(x, t, context, transformer_options=options)  # noqa: E731
             out = run().float()
             seconds[variant] = cuda_time(run, warmup=1, repeat=args.repeat)
         if reference is None:

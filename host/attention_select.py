@@ -77,9 +77,16 @@ def _sdpa(func, *args, **kwargs):
     return attention_pytorch(*args, **kwargs)  # kwargs carry _inside_attn_wrapper: no second override
 
 
-def _fa3_kernel(q, k, v):
-    from flash_attn_interface import flash_attn_func
+# PyPI's fa3-fwd wheel ships ``fa3_fwd_interface``; FlashAttention's own hopper/ build ``flash_attn_interface``
+FA3_MODULES = ("fa3_fwd_interface", "flash_attn_interface")
 
+
+def _fa3_module() -> str | None:
+    return next((name for name in FA3_MODULES if importlib.util.find_spec(name) is not None), None)
+
+
+def fa3_attention(q, k, v):
+    flash_attn_func = importlib.import_module(_fa3_module()).flash_attn_func
     out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     out = out[0] if isinstance(out, tuple) else out
     return out.transpose(1, 2)
@@ -87,8 +94,8 @@ def _fa3_kernel(q, k, v):
 
 def fa3_available() -> str | None:
     """None when FA3 can run here, else why not."""
-    if importlib.util.find_spec("flash_attn_interface") is None:
-        return "the fa3-fwd wheel (flash_attn_interface) is not installed"
+    if _fa3_module() is None:
+        return "the fa3-fwd wheel (fa3_fwd_interface) is not installed"
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != HOPPER[0]:
         return "FlashAttention-3 runs on Hopper GPUs (compute capability 9.x) only"
     return None
@@ -96,7 +103,7 @@ def fa3_available() -> str | None:
 
 OVERRIDES = {
     "sdpa": _sdpa,
-    "fa3": functools.partial(_run_heads_first, _fa3_kernel),
+    "fa3": functools.partial(_run_heads_first, fa3_attention),
     "8bit": functools.partial(_run_heads_first, functools.partial(attention, accurate=False)),
     "8bit-accurate": functools.partial(_run_heads_first, functools.partial(attention, accurate=True)),
 }

@@ -7,9 +7,20 @@ its output, the same side product PEFT computes and ``host/lowrank.py`` uses at 
 2. the gradient of a pair costs two thin GEMMs, never a dense ``up @ down`` per step (core's
    ``TrainLoraNode`` patches weights through ``weight_function``, which needs a dense weight).
 
-Objective (Wan, rectified flow as core samples it): sigma = shift(u), u ~ U(lo, hi) where (lo, hi)
-covers all of [0, 1) or one Wan 2.2 expert's side of the boundary; x_t = (1 - sigma) x0 + sigma noise;
-the transformer at timestep ``sigma * 1000`` predicts the velocity ``noise - x0``; loss = MSE.
+Objectives, each the one its family's sampler assumes (``OBJECTIVES``):
+- flow matching (Wan, Sana: rectified flow as core samples it): sigma = shift(u), u ~ U(lo, hi) where
+  (lo, hi) covers all of [0, 1) or one Wan 2.2 expert's side of the boundary, ``shift`` the MODEL's own
+  (``model_sampling.shift``); x_t = (1 - sigma) x0 + sigma noise; the network at timestep
+  ``sigma * 1000`` predicts the velocity ``noise - x0``; loss = MSE.
+- DDPM (VideoCrafter / DynamiCrafter, lvdm ``ddpm3d.LatentDiffusion.forward`` / ``p_losses``):
+  t ~ randint(1000); x0 scaled by ``scale_arr[t]`` where the release trained so (``use_scale`` /
+  ``use_dynamic_rescale``, the scaling ``sampling/videocrafter_ddim.py`` undoes); x_t = sqrt(a_t) x0 +
+  sqrt(1 - a_t) noise on the release's schedule (zero terminal SNR for DynamiCrafter 512 / 1024); the
+  target is ``noise`` (eps) or ``sqrt(a_t) noise - sqrt(1 - a_t) x0`` (v); loss = MSE. DynamiCrafter
+  is conditioned as it trained: the clip's first latent frame on every frame (``c_concat``) and the
+  CLIP-vision tokens of its first frame.
+Wan 2.2's two experts train in one run (``train_lora_experts``): each draw's sigma picks the expert,
+high noise while sigma >= boundary, the split ``sampling/wan_experts.py`` samples with.
 
 Saved dialect: ``diffusion_model.<official module>.lora_down.weight`` (rank, in),
 ``.lora_up.weight`` (out, rank), ``.alpha`` (scalar): the Lightning / LightX2V layout that core's
@@ -23,22 +34,33 @@ import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from ..errors import VeloxLoadError
 from ..loaders.lora_detect import FAMILY_NAMES, lora_family
+from ..sampling.videocrafter_ddim import VideoDiffusionSchedule, alphas_cumprod, scale_array
 
 UNET_PREFIX = "diffusion_model."
 TRAIN_TIMESTEPS = 1000
 # module-name patterns (official names) per family and preset; VACE blocks train like main blocks
+_WAN_ATTENTION = r"^(vace_)?blocks\.\d+\.(self_attn|cross_attn)\.(q|k|v|o|k_img|v_img)$"
+_SANA_ATTENTION = (r"^blocks\.\d+\.attn\.(qkv|proj)$", r"^blocks\.\d+\.cross_attn\.(q_linear|kv_linear|proj)$")
+# lvdm: spatial and temporal transformers (init_attn included), text and image cross-attention
+_UNET3D_BLOCK = r"^(input_blocks|middle_block|output_blocks|init_attn)\.(\d+\.)+transformer_blocks\.\d+\."
 TARGET_PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
     "wan": {
-        "attention": (r"^(vace_)?blocks\.\d+\.(self_attn|cross_attn)\.(q|k|v|o|k_img|v_img)$",),
-        "attention_ffn": (r"^(vace_)?blocks\.\d+\.(self_attn|cross_attn)\.(q|k|v|o|k_img|v_img)$",
-                          r"^(vace_)?blocks\.\d+\.ffn\.(0|2)$"),
+        "attention": (_WAN_ATTENTION,),
+        "attention_ffn": (_WAN_ATTENTION, r"^(vace_)?blocks\.\d+\.ffn\.(0|2)$"),
+    },
+    # Sana's Mix-FFN is convolutional (1x1 / depthwise convs), which a Linear LoRA cannot wrap
+    "sana": {"attention": _SANA_ATTENTION},
+    "videocrafter": {
+        "attention": (_UNET3D_BLOCK + r"attn[12]\.(to_q|to_k|to_v|to_out\.0|to_k_ip|to_v_ip)$",),
+        "attention_ffn": (_UNET3D_BLOCK + r"attn[12]\.(to_q|to_k|to_v|to_out\.0|to_k_ip|to_v_ip)$",
+                          _UNET3D_BLOCK + r"ff\.net\.(0\.proj|2)$"),
     },
 }
 EXPERT_SIDES = ("all", "high_noise", "low_noise")
@@ -174,7 +196,7 @@ def _side_hook(pair: LoraPair) -> Callable:
 
 
 # ----------------------------------------------------------------------------------------------
-# the flow-matching objective
+# the objectives: flow matching (Wan, Sana) and DDPM eps / v (VideoCrafter, DynamiCrafter)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -198,12 +220,14 @@ def uniform_range(expert: str, boundary: float, shift: float) -> tuple[float, fl
 
 @dataclass
 class FlowBatch:
-    """One micro-batch: latent x0 (B, C, T, H, W), context (B, L, D), noise like x0, sigma (B,)."""
+    """One micro-batch: latent x0 (B, C, T, H, W), context (B, L, D), noise like x0, sigma (B,);
+    ``context_mask`` (B, L) 1 for real tokens, 0 for the padding of shorter captions."""
 
     latent: torch.Tensor
     context: torch.Tensor
     noise: torch.Tensor
     sigma: torch.Tensor
+    context_mask: torch.Tensor | None = None
 
     def noisy(self) -> torch.Tensor:
         sigma = self.sigma.view(-1, *([1] * (self.latent.ndim - 1)))
@@ -215,18 +239,102 @@ class FlowBatch:
     def timestep(self) -> torch.Tensor:
         return self.sigma * TRAIN_TIMESTEPS
 
+    def conditions(self) -> dict:
+        return {} if self.context_mask is None else {"context_mask": self.context_mask}
 
-def flow_matching_loss(velocity: Callable, batch: FlowBatch) -> torch.Tensor:
-    """MSE between the predicted and the true velocity, in fp32. velocity(x_t, t, context) -> like x_t."""
-    predicted = velocity(batch.noisy(), batch.timestep(), batch.context)
+    def select(self, keep: torch.Tensor) -> FlowBatch:
+        """The samples where ``keep`` (B,) bool is true."""
+        mask = None if self.context_mask is None else self.context_mask[keep]
+        return FlowBatch(self.latent[keep], self.context[keep], self.noise[keep], self.sigma[keep], mask)
+
+
+@dataclass
+class DiffusionBatch:
+    """One DDPM micro-batch (lvdm): latent x0 (B, C, T, H, W), context (B, L, D), noise like x0,
+    integer timesteps t (B,), and the release's schedule terms at t: sqrt(a_t), sqrt(1 - a_t), and the
+    x0 scale s_t (1 without timestep scaling). ``extra`` holds the network's other inputs (fps,
+    DynamiCrafter's ``concat`` latent and ``clip_vision_tokens``)."""
+
+    latent: torch.Tensor
+    context: torch.Tensor
+    noise: torch.Tensor
+    t: torch.Tensor
+    sqrt_alpha: torch.Tensor
+    sqrt_one_minus_alpha: torch.Tensor
+    scale: torch.Tensor
+    prediction: str
+    extra: dict = field(default_factory=dict)
+
+    def _view(self, values: torch.Tensor) -> torch.Tensor:
+        return values.view(-1, *([1] * (self.latent.ndim - 1)))
+
+    def scaled_latent(self) -> torch.Tensor:
+        return self._view(self.scale) * self.latent
+
+    def noisy(self) -> torch.Tensor:
+        return self._view(self.sqrt_alpha) * self.scaled_latent() + self._view(self.sqrt_one_minus_alpha) * self.noise
+
+    def target(self) -> torch.Tensor:
+        if self.prediction == "v":
+            return self._view(self.sqrt_alpha) * self.noise - self._view(self.sqrt_one_minus_alpha) * self.scaled_latent()
+        return self.noise
+
+    def timestep(self) -> torch.Tensor:
+        return self.t
+
+    def conditions(self) -> dict:
+        return self.extra
+
+
+def objective_loss(predict: Callable, batch: FlowBatch | DiffusionBatch) -> torch.Tensor:
+    """MSE between the network's prediction and the objective's target, in fp32.
+    predict(x_t, timestep, context, **batch.conditions()) -> like x_t."""
+    predicted = predict(batch.noisy(), batch.timestep(), batch.context, **batch.conditions())
     return torch.nn.functional.mse_loss(predicted.float(), batch.target().float())
+
+
+flow_matching_loss = objective_loss  # the flow batch's target is the velocity noise - x0
 
 
 def wan_velocity(diffusion_model: torch.nn.Module, dtype: torch.dtype) -> Callable:
     """Core's WanModel as velocity(x_t (B, C, T, H, W), timestep (B,), context (B, L, D))."""
-    def velocity(x, timestep, context):
+    in_channels, out_channels = diffusion_model.patch_embedding.in_channels, diffusion_model.out_dim
+    if in_channels != out_channels:  # I2V: noise + mask + image latent channels
+        raise ValueError(f"this Wan model takes {in_channels} input channels for {out_channels} latent channels "
+                         "(image-to-video: the noise, a mask and the start image's latent); VeloxTrainLora trains "
+                         "text-to-video Wan (2.1 T2V, 2.2 T2V experts, VACE blocks) only")
+
+    def velocity(x, timestep, context, **_unused):
         return diffusion_model(x.to(dtype), timestep, context.to(dtype))
     return velocity
+
+
+def sana_velocity(diffusion_model: torch.nn.Module, dtype: torch.dtype) -> Callable:
+    """Velox's SanaTransformer as velocity(x_t (B, C, T, H, W), timestep (B,), context (B, L, D)):
+    an image model, so each frame is one image with its clip's caption and timestep."""
+    if getattr(diffusion_model, "cfg_embedder", None) is not None or diffusion_model.timestep_norm_scale != 1.0:
+        raise ValueError("this is a SANA-Sprint model (TrigFlow, guidance embedding), distilled with sCM, not "
+                         "flow matching; VeloxTrainLora trains Sana / Sana 1.5 models")
+
+    def velocity(x, timestep, context, context_mask=None):
+        b, c, t, h, w = x.shape
+        frames = x.movedim(2, 1).reshape(b * t, c, h, w).to(dtype)
+        mask = None if context_mask is None else context_mask.repeat_interleave(t, 0)
+        out = diffusion_model(frames, timestep.repeat_interleave(t), context.to(dtype).repeat_interleave(t, 0),
+                              context_mask=mask)
+        return out.reshape(b, t, c, h, w).movedim(1, 2)
+    return velocity
+
+
+def videocrafter_prediction(diffusion_model: torch.nn.Module, dtype: torch.dtype) -> Callable:
+    """Velox's VideoCrafterUNet as predict(x_t (B, 4, T, H, W), t (B,) long, context (B, 77, D), fps,
+    concat (B, 4, T, H, W) or None, clip_vision_tokens or None) -> eps or v."""
+    def predict(x, timestep, context, fps=None, concat=None, clip_vision_tokens=None):
+        if concat is not None:
+            x = torch.cat([x, concat], dim=1)
+        tokens = None if clip_vision_tokens is None else clip_vision_tokens.to(dtype)
+        return diffusion_model(x.to(dtype), timestep, context.to(dtype), fps=fps, clip_vision_tokens=tokens)
+    return predict
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,58 +344,134 @@ def wan_velocity(diffusion_model: torch.nn.Module, dtype: torch.dtype) -> Callab
 
 @dataclass
 class Sample:
-    """One cached training example: latent (C, T, H, W) and text context (L, D), both on the CPU."""
+    """One cached training example, on the CPU, in the model's latent space: latent (C, T, H, W), text
+    context (L, D); ``image_tokens`` (N, D') the CLIP-vision tokens of its first frame (DynamiCrafter)
+    and ``fps`` the rate its frames were sampled at (0: unknown)."""
 
     latent: torch.Tensor
     context: torch.Tensor
     name: str = ""
+    image_tokens: torch.Tensor | None = None
+    fps: float = 0.0
+
+
+@dataclass(frozen=True)
+class DiffusionObjective:
+    """A VideoCrafter / DynamiCrafter release's training objective (``VideoCrafterVariant``)."""
+
+    schedule: VideoDiffusionSchedule
+    default_fps: int = 16
+    concat_image: bool = False  # DynamiCrafter: the first latent frame on every frame
+    image_tokens: bool = False  # I2V: the CLIP-vision tokens of the first frame
+
+    @classmethod
+    def of_variant(cls, variant) -> DiffusionObjective:
+        return cls(variant.schedule, variant.preset.fps, variant.concat_image, variant.is_i2v)
 
 
 class BatchDrawer:
-    """Seeded draws of samples, noise and sigmas, on the CPU so a seed means the same run everywhere."""
+    """Seeded draws of samples, noise and timesteps, on the CPU so a seed means the same run everywhere.
 
-    def __init__(self, samples: Sequence[Sample], config: TrainConfig, shift: float, device: torch.device):
+    ``objective`` is the flow shift (a float: Wan, Sana) or a ``DiffusionObjective`` (VideoCrafter)."""
+
+    def __init__(self, samples: Sequence[Sample], config: TrainConfig, objective: float | DiffusionObjective,
+                 device: torch.device):
         if not samples:
             raise ValueError("no training samples")
         self.samples, self.config, self.device = list(samples), config, device
-        self.range = uniform_range(config.expert, config.boundary, shift)
-        self.shift = shift
+        self.objective = objective
+        if isinstance(objective, DiffusionObjective):
+            self.alphas = torch.from_numpy(alphas_cumprod(objective.schedule)).float()
+            end = objective.schedule.scale_end
+            self.scales = torch.ones(TRAIN_TIMESTEPS) if end is None else torch.from_numpy(scale_array(end)).float()
+        else:
+            self.shift = float(objective)
+            self.range = uniform_range(config.expert, config.boundary, self.shift)
         self.generator = torch.Generator().manual_seed(config.seed + 1)  # seed itself went to the LoRA init
 
-    def draw(self) -> FlowBatch:
+    def _pick(self) -> list[Sample]:
         picks = torch.randint(len(self.samples), (self.config.batch_size,), generator=self.generator).tolist()
         chosen = [self.samples[i] for i in picks]
         shapes = {tuple(s.latent.shape) for s in chosen}
         if len(shapes) > 1:
             raise ValueError(f"batch_size {self.config.batch_size} needs clips of one size; drew {sorted(shapes)} "
                              "(use batch_size 1 with mixed sizes)")
+        return chosen
+
+    def draw(self) -> FlowBatch | DiffusionBatch:
+        chosen = self._pick()
         latent = torch.stack([s.latent.float() for s in chosen])
-        context = _stack_padded([s.context.float() for s in chosen])
+        context, mask = _stack_padded([s.context.float() for s in chosen])
         noise = torch.randn(latent.shape, generator=self.generator)
+        if isinstance(self.objective, DiffusionObjective):
+            return self._diffusion_batch(chosen, latent, context, noise)
         lo, hi = self.range
         u = lo + (hi - lo) * torch.rand(len(chosen), generator=self.generator)
         sigma = shift_sigma(u, self.shift)
-        return FlowBatch(*(t.to(self.device) for t in (latent, context, noise, sigma)))
+        return FlowBatch(*(x.to(self.device) for x in (latent, context, noise, sigma, mask)))
+
+    def _diffusion_batch(self, chosen, latent, context, noise) -> DiffusionBatch:
+        objective = self.objective
+        t = torch.randint(TRAIN_TIMESTEPS, (len(chosen),), generator=self.generator)
+        alpha = self.alphas[t]
+        extra = {"fps": torch.tensor([round(s.fps) or objective.default_fps for s in chosen])}
+        if objective.concat_image:  # lvdm: img_cat_cond = z[:, :, 0] repeated over the frames
+            extra["concat"] = latent[:, :, :1].expand_as(latent).contiguous()
+        if objective.image_tokens:
+            if any(s.image_tokens is None for s in chosen):
+                raise ValueError("this image-to-video model trains on each clip's first frame as CLIP-vision "
+                                 "tokens: connect the model's CLIP_VISION to the dataset node's clip_vision input")
+            extra["clip_vision_tokens"] = torch.stack([s.image_tokens.float() for s in chosen])
+        return DiffusionBatch(latent.to(self.device), context.to(self.device), noise.to(self.device),
+                              t.to(self.device), alpha.sqrt().to(self.device), (1 - alpha).sqrt().to(self.device),
+                              self.scales[t].to(self.device), objective.schedule.prediction,
+                              {k: v.to(self.device) for k, v in extra.items()})
 
 
-def _stack_padded(contexts: list[torch.Tensor]) -> torch.Tensor:
-    """(L_i, D) each -> (B, max L, D), zero padded as Wan's official text context is."""
+def _stack_padded(contexts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(L_i, D) each -> (B, max L, D) zero padded, as Wan's official text context is, and the
+    (B, max L) mask of real tokens (None when no caption was padded)."""
     length = max(c.shape[0] for c in contexts)
-    return torch.stack([torch.nn.functional.pad(c, (0, 0, 0, length - c.shape[0])) for c in contexts])
+    stacked = torch.stack([torch.nn.functional.pad(c, (0, 0, 0, length - c.shape[0])) for c in contexts])
+    if all(c.shape[0] == length for c in contexts):
+        return stacked, None
+    return stacked, torch.stack([(torch.arange(length) < c.shape[0]).float() for c in contexts])
 
 
-def make_optimizer(lora: TrainableLora, config: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(lora.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+def make_optimizer(lora: TrainableLora | Sequence[TrainableLora], config: TrainConfig) -> torch.optim.Optimizer:
+    loras = [lora] if isinstance(lora, TrainableLora) else list(lora)
+    params = [p for one in loras for p in one.parameters()]
+    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
-def training_step(velocity: Callable, optimizer: torch.optim.Optimizer, batches: Sequence[FlowBatch]) -> float:
+def training_step(predict: Callable, optimizer: torch.optim.Optimizer,
+                  batches: Sequence[FlowBatch | DiffusionBatch]) -> float:
     """One optimizer step over ``len(batches)`` accumulated micro-batches; returns the mean loss."""
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
     for batch in batches:
-        loss = flow_matching_loss(velocity, batch) / len(batches)
+        loss = objective_loss(predict, batch) / len(batches)
         loss.backward()
         total += float(loss.detach())
+    optimizer.step()
+    return total
+
+
+def expert_training_step(predict_high: Callable, predict_low: Callable, boundary: float,
+                         optimizer: torch.optim.Optimizer, batches: Sequence[FlowBatch]) -> float:
+    """One step of both Wan 2.2 experts: each sample goes to the expert its sigma belongs to (high noise
+    while sigma >= boundary), its loss weighted by its share of the micro-batch, so the mean over a
+    batch equals the single-model loss; an expert that drew nothing keeps its LoRA (no gradient)."""
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for batch in batches:
+        high = batch.sigma >= boundary
+        for predict, keep in ((predict_high, high), (predict_low, ~high)):
+            if keep.any():
+                share = float(keep.sum()) / len(keep)
+                loss = objective_loss(predict, batch.select(keep)) * share / len(batches)
+                loss.backward()
+                total += float(loss.detach())
     optimizer.step()
     return total
 
@@ -297,6 +481,39 @@ class TrainResult:
     lora: TrainableLora
     losses: list[float] = field(default_factory=list)
     interrupted: bool = False
+    low_noise_lora: TrainableLora | None = None  # Wan 2.2: both experts in one run
+
+
+@dataclass
+class _Trainee:
+    """One model being trained: its network, target layers, LoRA and prediction function."""
+
+    model: torch.nn.Module
+    modules: dict
+    lora: TrainableLora
+    predict: Callable
+
+
+def _trainee(patcher, family: str, config: TrainConfig, device, resume) -> _Trainee:
+    model = patcher.model.diffusion_model
+    dtype = patcher.model.manual_cast_dtype or patcher.model.get_dtype()
+    modules = target_modules(model, family, config.targets)
+    lora = TrainableLora({n: _linear_shape(m) for n, m in modules.items()}, config.rank, config.alpha,
+                         LORA_DTYPES[config.lora_dtype], config.seed).to(device)
+    if resume is not None:
+        lora.load_lora_state_dict(resume[1], resume[0], family)
+    _freeze(model)
+    return _Trainee(model, modules, lora, PREDICTIONS[family](model, dtype))
+
+
+PREDICTIONS: dict[str, Callable] = {"wan": wan_velocity, "sana": sana_velocity, "videocrafter": videocrafter_prediction}
+
+
+def training_objective(patcher, family: str) -> float | DiffusionObjective:
+    """The flow shift the MODEL samples with (Wan, Sana), or the release's DDPM objective (VideoCrafter)."""
+    if family == "videocrafter":
+        return DiffusionObjective.of_variant(patcher.model.model_config.velox_variant)
+    return float(patcher.get_model_object("model_sampling").shift)
 
 
 def train_lora(patcher, samples: Sequence[Sample], config: TrainConfig, family: str = "wan",
@@ -309,33 +526,68 @@ def train_lora(patcher, samples: Sequence[Sample], config: TrainConfig, family: 
 
     with torch.inference_mode(False):
         comfy.model_management.load_models_gpu([patcher], force_full_load=True)
-        model = patcher.model.diffusion_model
         device = comfy.model_management.get_torch_device()
-        dtype = patcher.model.manual_cast_dtype or patcher.model.get_dtype()
-        modules = target_modules(model, family, config.targets)
-        lora = TrainableLora({n: _linear_shape(m) for n, m in modules.items()}, config.rank, config.alpha,
-                             LORA_DTYPES[config.lora_dtype], config.seed).to(device)
-        if resume is not None:
-            lora.load_lora_state_dict(resume[1], resume[0], family)
-        shift = float(patcher.get_model_object("model_sampling").shift)
-        drawer = BatchDrawer(samples, config, shift, device)
-        result = TrainResult(lora)
-        _freeze(model)
-        optimizer = make_optimizer(lora, config)
-        with lora.attached(modules), checkpointed_blocks(model, config.gradient_checkpointing):
-            velocity = wan_velocity(model, dtype)
-            try:
-                for step in range(config.steps):
-                    batches = [drawer.draw() for _ in range(config.grad_accumulation)]
-                    result.losses.append(training_step(velocity, optimizer, batches))
-                    if on_step is not None:
-                        on_step(step, result.losses[-1])
-            # core's ops check the interrupt flag inside the forward pass too: the optimizer has not
-            # stepped then, so the LoRA is the last whole step's
-            except comfy.model_management.InterruptProcessingException as error:
-                result.interrupted = True
-                raise TrainingInterrupted(result) from error
+        trainee = _trainee(patcher, family, config, device, resume)
+        drawer = BatchDrawer(samples, config, training_objective(patcher, family), device)
+        result = TrainResult(trainee.lora)
+        optimizer = make_optimizer(trainee.lora, config)
+        with trainee.lora.attached(trainee.modules), checkpointed_blocks(trainee.model,
+                                                                         config.gradient_checkpointing):
+            _run_steps(config, result, on_step,
+                       lambda: training_step(trainee.predict, optimizer,
+                                             [drawer.draw() for _ in range(config.grad_accumulation)]))
         return result
+
+
+def train_lora_experts(high_noise, low_noise, samples: Sequence[Sample], config: TrainConfig,
+                       resume: tuple[tuple[str, Mapping], tuple[str, Mapping]] | None = None,
+                       on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Wan 2.2 A14B: one LoRA per expert in one run. Sigmas are drawn over the whole schedule (the
+    shift of the high-noise MODEL, which both experts sample with) and each sample trains the expert
+    that denoises it, split at ``config.boundary`` as the expert sampler switches. ``result.lora`` is
+    the high-noise expert's, ``result.low_noise_lora`` the low-noise one's."""
+    import comfy.model_management
+
+    if config.expert != "all":
+        raise ValueError(f"expert {config.expert!r}: with both experts given, each trains on its own side of "
+                         "the boundary; set expert to 'all'")
+    with torch.inference_mode(False):
+        comfy.model_management.load_models_gpu([high_noise, low_noise], force_full_load=True)
+        device = comfy.model_management.get_torch_device()
+        high = _trainee(high_noise, "wan", config, device, None if resume is None else resume[0])
+        low = _trainee(low_noise, "wan", config, device, None if resume is None else resume[1])
+        drawer = BatchDrawer(samples, config, training_objective(high_noise, "wan"), device)
+        result = TrainResult(high.lora, low_noise_lora=low.lora)
+        optimizer = make_optimizer([high.lora, low.lora], config)
+        with high.lora.attached(high.modules), low.lora.attached(low.modules), \
+                checkpointed_blocks(high.model, config.gradient_checkpointing), \
+                checkpointed_blocks(low.model, config.gradient_checkpointing):
+            _run_steps(config, result, on_step,
+                       lambda: expert_training_step(high.predict, low.predict, config.boundary, optimizer,
+                                                    [drawer.draw() for _ in range(config.grad_accumulation)]))
+        return result
+
+
+def _run_steps(config: TrainConfig, result: TrainResult, on_step, step_fn: Callable[[], float]) -> None:
+    import comfy.model_management
+
+    try:
+        for step in range(config.steps):
+            result.losses.append(step_fn())
+            if on_step is not None:
+                on_step(step, result.losses[-1])
+    # core's ops check the interrupt flag inside the forward pass too: the optimizer has not
+    # stepped then, so the LoRA is the last whole step's
+    except comfy.model_management.InterruptProcessingException as error:
+        result.interrupted = True
+        raise TrainingInterrupted(result) from error
+
+
+def to_model_space(patcher, samples: Sequence[Sample]) -> list[Sample]:
+    """Samples of raw VAE latents (what the dataset caches, as core's VAE.encode returns them) in the
+    MODEL's latent space: ``process_latent_in``, which core's samplers apply to every latent."""
+    latent_format = patcher.model.latent_format
+    return [replace(s, latent=latent_format.process_in(s.latent[None].float())[0]) for s in samples]
 
 
 class TrainingInterrupted(Exception):
@@ -357,10 +609,20 @@ def _freeze(model: torch.nn.Module) -> None:
                 param.requires_grad_(False)
 
 
+def _checkpoint_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks recomputed in the backward pass: a DiT's ``blocks``, a UNet's input, middle and
+    output blocks."""
+    if hasattr(model, "blocks"):
+        return list(model.blocks)
+    units = list(getattr(model, "input_blocks", []))
+    middle = getattr(model, "middle_block", None)
+    return units + ([middle] if middle is not None else []) + list(getattr(model, "output_blocks", []))
+
+
 @contextmanager
 def checkpointed_blocks(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
     """Each transformer block recomputed in the backward pass (activation memory of one block)."""
-    blocks = list(getattr(model, "blocks", [])) if enabled else []
+    blocks = _checkpoint_units(model) if enabled else []
     originals = [block.forward for block in blocks]
     for block, forward in zip(blocks, originals):
         block.forward = _checkpointed(forward)

@@ -3,8 +3,12 @@
 Each file is decoded (images as one frame; videos sampled at ``fps`` up to ``max_frames``), resized and
 centre-cropped to (height, width), trimmed to the VAE's frame rule (Wan: 4n + 1), encoded once through
 the VAE and the text encoder, and cached on disk as ``{latent (C, T, H, W), context (L, D)}`` under a
-key of the file, its caption, the settings and the two encoders. A file that cannot be decoded is
-skipped and named in the report; a folder with nothing usable is an error.
+key of the file, its caption, the settings and the encoders. Latents are the VAE's raw ones (core's
+``VAE.encode``: a video VAE gives (1, C, T', h, w), an image VAE one (C, h, w) per frame, stacked along
+T); the trainer maps them into the model's space. With a CLIP_VISION the first frame's tokens are
+cached too (DynamiCrafter trains on them). A caption's padding tokens (Sana's Gemma pads to a fixed
+length and masks) are dropped. A file that cannot be decoded is skipped and named in the report; a
+folder with nothing usable is an error.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 PIL_ANIMATED = (".gif", ".webp")  # PIL reads these, animated or not
 AV_VIDEOS = (".mp4", ".webm", ".mov", ".mkv", ".avi")
 MEDIA_EXTENSIONS = IMAGE_EXTENSIONS + PIL_ANIMATED + AV_VIDEOS
+CACHE_VERSION = "2"  # bump when what a cache file holds changes
 DATASET_EXPECTED = f"a folder of images or videos ({', '.join(MEDIA_EXTENSIONS)}) with same-name .txt captions"
 
 
@@ -138,28 +143,50 @@ def encoder_fingerprint(module: torch.nn.Module) -> str:
 
 def cache_key(path: Path, caption: str, settings: DatasetSettings, encoders: str) -> str:
     stat = path.stat()
-    text = "|".join(map(str, (path.resolve(), stat.st_size, stat.st_mtime_ns, caption, settings, encoders)))
+    text = "|".join(map(str, (CACHE_VERSION, path.resolve(), stat.st_size, stat.st_mtime_ns, caption, settings,
+                              encoders)))
     return hashlib.sha1(text.encode()).hexdigest()
 
 
 def encode_text(clip, caption: str) -> torch.Tensor:
-    """The caption's conditioning tensor (L, D) from core's CLIP."""
-    return clip.encode_from_tokens_scheduled(clip.tokenize(caption))[0][0][0].float().cpu()
+    """The caption's conditioning tensor (L, D) from core's CLIP, without its masked padding tokens."""
+    cond, extra = clip.encode_from_tokens_scheduled(clip.tokenize(caption))[0][:2]
+    context = cond[0].float().cpu()
+    mask = extra.get("attention_mask") if isinstance(extra, dict) else None
+    if mask is not None and mask.shape[-1] == context.shape[0]:
+        context = context[mask.reshape(-1).cpu().bool()]
+    return context
+
+
+def encode_video(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """(T, H, W, 3) -> the VAE's raw latent (C, T', h, w): a video VAE encodes the clip, an image VAE
+    each frame."""
+    latent = vae.encode(pixels).float().cpu()
+    return latent[0] if latent.ndim == 5 else latent.movedim(0, 1)
+
+
+def first_frame_tokens(clip_vision, pixels: torch.Tensor) -> torch.Tensor:
+    """The CLIP-vision tokens (N, D) of the first frame, as VeloxDynamiCrafterConditioning makes them."""
+    return clip_vision.encode_image(pixels[:1], crop=False)["last_hidden_state"][0].float().cpu()
 
 
 def build_dataset(folder: str | Path, vae, clip, settings: DatasetSettings, cache_dir: Path,
-                  progress: Callable[[int, int], None] | None = None) -> tuple[list[Sample], DatasetReport]:
+                  progress: Callable[[int, int], None] | None = None,
+                  clip_vision=None) -> tuple[list[Sample], DatasetReport]:
     """Every usable file of ``folder`` as a Sample (cached), and what happened to each file."""
     folder = Path(folder)
     files, report, samples = media_files(folder), DatasetReport(), []
     encoders = encoder_fingerprint(vae.first_stage_model) + encoder_fingerprint(clip.cond_stage_model)
+    if clip_vision is not None:
+        encoders += encoder_fingerprint(clip_vision.model)
     temporal = getattr(vae, "latent_dim", 2) == 3  # Wan's causal 3-D VAE takes 4n + 1 frames
     for index, path in enumerate(files):
         caption_file = path.with_suffix(".txt")
         caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else ""
         cached = cache_dir / f"{cache_key(path, caption, settings, encoders)}.safetensors"
         try:
-            samples.append(_load_or_encode(path, caption, cached, vae, clip, settings, temporal, report))
+            samples.append(_load_or_encode(path, caption, cached, (vae, clip, clip_vision), settings, temporal,
+                                           report))
             if not caption:
                 report.notes.append(f"{path.name}: no caption ({caption_file.name}); trained with an empty prompt")
         except Exception as error:  # a bad file is reported, never the end of the run
@@ -171,22 +198,24 @@ def build_dataset(folder: str | Path, vae, clip, settings: DatasetSettings, cach
     return samples, report
 
 
-def _load_or_encode(path: Path, caption: str, cached: Path, vae, clip, settings: DatasetSettings,
+def _load_or_encode(path: Path, caption: str, cached: Path, encoders, settings: DatasetSettings,
                     temporal: bool, report: DatasetReport) -> Sample:
     from safetensors.torch import load_file, save_file
 
+    vae, clip, clip_vision = encoders
     if cached.is_file():
         tensors = load_file(str(cached))
         report.cached.append(path.name)
-        return Sample(tensors["latent"], tensors["context"], path.name)
+        return Sample(tensors["latent"], tensors["context"], path.name, tensors.get("image_tokens"), settings.fps)
     frames = decode_media(path, settings.fps, settings.max_frames)
     if temporal and wan_frame_count(len(frames)) != len(frames):
         report.notes.append(f"{path.name}: {len(frames)} frames trimmed to {wan_frame_count(len(frames))} (4n + 1)")
         frames = frames[:wan_frame_count(len(frames))]
     pixels = fit_frames(frames, settings.width, settings.height)
-    latent = vae.encode(pixels)[0].float().cpu()
-    context = encode_text(clip, caption)
+    tensors = {"latent": encode_video(vae, pixels), "context": encode_text(clip, caption)}
+    if clip_vision is not None:
+        tensors["image_tokens"] = first_frame_tokens(clip_vision, pixels)
     cached.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"latent": latent.contiguous(), "context": context.contiguous()}, str(cached))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(cached))
     report.encoded.append(path.name)
-    return Sample(latent, context, path.name)
+    return Sample(tensors["latent"], tensors["context"], path.name, tensors.get("image_tokens"), settings.fps)

@@ -118,3 +118,25 @@ def test_videocrafter_unet_attention_modules_take_the_choice(comfy_host):
     assert routed and all(fn.func is chosen.func and fn.args[:-1] == chosen.args for fn in routed)
     with torch.no_grad():
         assert torch.equal(unet(*inputs), before)  # tiny heads (width < 64): core's attention, unchanged
+
+
+@pytest.mark.parametrize("installed", ["fa3_fwd_interface", "flash_attn_interface"])
+def test_fa3_is_found_under_both_module_names(comfy_host, monkeypatch, installed):
+    """PyPI's fa3-fwd wheel ships ``fa3_fwd_interface``; a source build of FA3 ``flash_attn_interface``."""
+    import importlib.util
+    import types
+
+    from velox.host import attention_select
+
+    calls = []
+    module = types.SimpleNamespace(flash_attn_func=lambda q, k, v: calls.append(q.shape) or q)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == installed else real_find_spec(name, *a))
+    monkeypatch.setattr(attention_select.importlib, "import_module", lambda name: module if name == installed else None)
+    monkeypatch.setattr(attention_select.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(attention_select.torch.cuda, "get_device_capability", lambda: (9, 0))
+    assert attention_select.fa3_available() is None
+    q = torch.zeros(1, 2, 5, 64)
+    assert attention_select.fa3_attention(q, q, q).shape == q.shape
+    assert calls == [(1, 5, 2, 64)]  # FA3 takes (B, L, H, D)

@@ -93,7 +93,7 @@ def test_one_training_step_matches_diffusers_with_peft_lora_and_adamw(comfy_host
         for p in lora.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     reference, reference_pairs = peft_reference(weights, lora, list(modules), config.rank, config.alpha)
-    drawer = BatchDrawer(synthetic_samples(3, seed=1), config, shift=8.0, device=torch.device("cpu"))
+    drawer = BatchDrawer(synthetic_samples(3, seed=1), config, 8.0, torch.device("cpu"))
     batches = [drawer.draw() for _ in range(config.grad_accumulation)]
     assert all(b.sigma.min() > 0 and b.sigma.max() < 1 for b in batches)
 
@@ -137,7 +137,7 @@ def evaluation_loss(patcher, lora, config, samples) -> float:
     )
 
     model = patcher.model.diffusion_model
-    drawer = BatchDrawer(samples, config, shift=8.0, device=torch.device("cpu"))
+    drawer = BatchDrawer(samples, config, 8.0, torch.device("cpu"))
     drawer.generator.manual_seed(1234)
     modules = target_modules(model, "wan", config.targets)
     with torch.no_grad(), lora.attached(modules):
