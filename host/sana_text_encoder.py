@@ -207,16 +207,23 @@ def gemma_pieces(tokenizer_data: dict) -> SentencePieceGemma | TokenizersGemma:
 
 class SanaGemmaTokenizer:
     """The `CLIP.tokenizer`. `tokenize_with_weights(text, sana_chi=True)` gives the positive encoding;
-    `sana_chi=False` the plain 300-token one Sana uses for the negative prompt."""
+    `sana_chi=False` the plain 300-token one Sana uses for the negative prompt. A family with its own
+    complex human instruction (SANA-Video's) passes its lines as `sana_chi`."""
 
     def __init__(self, embedding_directory=None, tokenizer_data={}):
         self.pieces = gemma_pieces(tokenizer_data)
         self.chi_prompt = "\n".join(SANA_COMPLEX_HUMAN_INSTRUCTION)
-        # the reference's "magic number 2: [bos], [_]"
-        self.chi_length = len(self.pieces.encode(self.chi_prompt)) + SANA_MAX_SEQUENCE_LENGTH - 2
+        self.chi_length = self.instruction_length(self.chi_prompt)
+
+    def instruction_length(self, chi_prompt: str) -> int:
+        """Tokens of an instruction-prefixed prompt (the reference's "magic number 2: [bos], [_]")."""
+        return len(self.pieces.encode(chi_prompt)) + SANA_MAX_SEQUENCE_LENGTH - 2
 
     def tokenize_with_weights(self, text: str, return_word_ids=False, sana_chi=True, **kwargs):
-        if sana_chi:  # the official pipeline strips the positive prompt, not the negative one
+        if isinstance(sana_chi, (tuple, list)):
+            chi_prompt = "\n".join(sana_chi)
+            ids, length = self.pieces.encode(chi_prompt + text.strip()), self.instruction_length(chi_prompt)
+        elif sana_chi:  # the official pipeline strips the positive prompt, not the negative one
             ids, length = self.pieces.encode(self.chi_prompt + text.strip()), self.chi_length
         else:
             ids, length = self.pieces.encode(text), SANA_MAX_SEQUENCE_LENGTH

@@ -255,3 +255,24 @@ def test_t5_folder_into_gemma_loader_raises(te, tmp_path):
     (folder / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 8}))
     with pytest.raises(VeloxLoadError, match="config.json: model_type is 't5'; expected 'gemma2'"):
         te.load_sana_text_encoder(folder)
+
+
+def test_a_family_instruction_matches_sana_video_encode_prompt(clips, tiny_sources, te):
+    """`sana_chi` given as lines (SANA-Video's instruction) equals `SanaVideoPipeline.encode_prompt`."""
+    import inspect
+
+    from diffusers import SanaVideoPipeline
+    from transformers import GemmaTokenizer
+
+    folder = tiny_sources["hf_folder"]
+    instruction = inspect.signature(SanaVideoPipeline.__call__).parameters["complex_human_instruction"].default
+    pipe = SanaVideoPipeline(tokenizer=GemmaTokenizer.from_pretrained(folder), text_encoder=hf_decoder(folder),
+                             vae=None, transformer=None, scheduler=None)
+    for prompt in PROMPTS:
+        with torch.no_grad():
+            ref_cond, ref_mask, *_ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False,
+                                                        device=torch.device("cpu"),
+                                                        complex_human_instruction=instruction, max_sequence_length=300)
+        cond, mask = encode(clips["single_file"], prompt, sana_chi=tuple(instruction))
+        assert cond.shape == ref_cond.shape and rel_l2(cond, ref_cond) <= RTOL_FP32, prompt
+        assert torch.equal(mask.long(), ref_mask.long())
