@@ -14,6 +14,7 @@ import torch
 
 from velox.loaders.sana_video_keys import (
     canonicalize_sana_video_state_dict,
+    config_from_diffusers,
     detect_sana_video,
     diffusers_config,
     sana_video_official_to_diffusers,
@@ -25,11 +26,14 @@ from velox.models.sana_video import (
     rope_axis_dims,
 )
 from velox.sampling.flow_dpm_solver import sample_flow_dpm_solver
-from velox.sampling.flow_schedules import flow_dpm_solver_sigmas
+from velox.sampling.flow_schedules import flow_dpm_solver_sigmas, flow_match_euler_sigmas
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import (  # noqa: E402
+    AutoencoderKLWan,
     DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SanaImageToVideoPipeline,
     SanaTransformer2DModel,
     SanaVideoPipeline,
     SanaVideoTransformer3DModel,
@@ -157,6 +161,8 @@ def test_detector_recovers_the_config_from_every_layout(pair):
     header_shapes = {"model.diffusion_model." + k: tuple(v.shape) for k, v in canonical.items()}
     assert detect_sana_video(header_shapes) == expected
     assert detect_sana_video(list(canonical)) is None  # names alone cannot give widths
+    folder_config = {**diffusers_config(config), "num_cross_attention_heads": 1}  # heads come from config.json
+    assert config_from_diffusers(folder_config, expected) == dataclasses.replace(expected, num_heads=1)
 
 
 @pytest.mark.parametrize("preset", list(SANA_VIDEO_PRESETS))
@@ -219,3 +225,67 @@ def test_flow_dpm_solver_run_matches_sana_video_pipeline():
 
     got = sample_flow_dpm_solver(denoise, latents.clone(), flow_dpm_solver_sigmas(steps, shift))
     assert relative_l2(got, want) <= LOOP_RTOL
+
+
+def test_image_to_video_euler_run_matches_sana_image_to_video_pipeline():
+    """Three flow-Euler steps (the I2V conversion's scheduler) with CFG: the Wan-VAE latent of the image,
+    normalised by the VAE's latents_mean / latents_std, replaces latent frame 0, which runs at t = 0
+    and is never stepped; ours vs SanaImageToVideoPipeline on the same noise."""
+    config = TINY_CONFIGS["480p_style"]
+    reference = diffusers_model(config, seed=13)
+    ours = ours_from_diffusers(config, reference)
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1).eval()
+    generator = torch.Generator().manual_seed(7)
+    image = torch.rand(1, 3, 32, 64, generator=generator)  # [0, 1]; 9 frames of 32 x 64 -> latent 3 x 4 x 8
+    noise = torch.randn(1, config.in_channels, 3, 4, 8, generator=generator)
+    _, context, mask = make_inputs(config, frames=1, seed=9)
+    steps, shift, guidance = 3, 8.0, 6.0
+
+    pipe = SanaImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=reference,
+                                    scheduler=FlowMatchEulerDiscreteScheduler(shift=shift))
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        want = pipe(
+            image=image, prompt_embeds=context[:1], prompt_attention_mask=mask[:1], negative_prompt=None,
+            negative_prompt_embeds=context[1:], negative_prompt_attention_mask=mask[1:], latents=noise.clone(),
+            num_inference_steps=steps, guidance_scale=guidance, height=32, width=64, frames=9,
+            output_type="latent", use_resolution_binning=False,
+        ).frames
+
+        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+        inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+        image_latent = (vae.encode((image * 2 - 1)[:, :, None]).latent_dist.mode() - mean) * inverse_std
+        x = torch.cat([image_latent, noise[:, :, 1:]], dim=2)
+        sigmas = flow_match_euler_sigmas(steps, shift)
+        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+            frame_t = torch.full((2, 3), float(sigma * 1000))
+            frame_t[:, 0] = 0  # the conditioning frame is clean
+            both = ours(torch.cat([x, x]), frame_t, context.flip(0), context_mask=mask.flip(0))
+            uncond_v, cond_v = both.chunk(2)
+            velocity = uncond_v + guidance * (cond_v - uncond_v)
+            x = torch.cat([x[:, :, :1], x[:, :, 1:] + (sigma_next - sigma) * velocity[:, :, 1:]], dim=2)
+    assert relative_l2(x, want) <= LOOP_RTOL
+    assert torch.equal(x[:, :, 0], want[:, :, 0])
+
+
+def test_block_replace_hook_sees_every_block_and_latent_must_fit_the_patches(pair):
+    """ComfyUI's ``patches_replace["dit"][("double_block", i)]`` wraps block i; a pass-through patch
+    changes nothing. A latent whose height is not a multiple of the patch is refused in words."""
+    config, _, ours = pair
+    x, context, mask = make_inputs(config, frames=3)
+    seen = []
+
+    def passthrough(args, extra):
+        seen.append(args["img"].shape)
+        return extra["original_block"](args)
+
+    patches = {("double_block", i): passthrough for i in range(config.depth)}
+    options = {"patches_replace": {"dit": patches}}
+    with torch.no_grad():
+        plain = ours(x, torch.tensor([500.0, 20.5]), context, context_mask=mask)
+        hooked = ours(x, torch.tensor([500.0, 20.5]), context, context_mask=mask, transformer_options=options)
+    assert torch.equal(plain, hooked) and len(seen) == config.depth
+    if config.patch_size[1] > 1:
+        with pytest.raises(ValueError, match="multiple of the patch size"):
+            ours(x[:, :, :, :3], torch.tensor([500.0, 20.5]), context)
