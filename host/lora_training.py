@@ -408,7 +408,8 @@ class BatchDrawer:
         lo, hi = self.range
         u = lo + (hi - lo) * torch.rand(len(chosen), generator=self.generator)
         sigma = shift_sigma(u, self.shift)
-        return FlowBatch(*(x.to(self.device) for x in (latent, context, noise, sigma, mask)))
+        return FlowBatch(*(x.to(self.device) for x in (latent, context, noise, sigma)),
+                         None if mask is None else mask.to(self.device))
 
     def _diffusion_batch(self, chosen, latent, context, noise) -> DiffusionBatch:
         objective = self.objective

@@ -157,6 +157,8 @@ def relu_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hea
     inputs (see ``_attention_product_dtype``); the division writes the (B, N, C) result in v's
     dtype directly. Returns (B, N, C).
     """
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _relu_linear_attention_differentiable(q, k, v, heads)
     B, N, C = q.shape
     d = C // heads
     by_head = (B, heads, N, d)
@@ -173,6 +175,20 @@ def relu_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hea
     result = v.new_empty(B, N, C)
     torch.div(*ratio, out=_split_heads(result, heads))  # eager: divide, cast and re-lay out in one pass
     return result
+
+
+def _relu_linear_attention_differentiable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                          heads: int) -> torch.Tensor:
+    """``relu_linear_attention`` without ``out=`` writes, which autograd refuses (LoRA training):
+    the same products, dtypes and eps. (B, N, C) each -> (B, N, C)."""
+    B, N, C = q.shape
+    d = C // heads
+    k_h = torch.relu(_split_heads(k, heads))
+    kv = torch.cat([_matmul_fp32(k_h.mT, _split_heads(v, heads)),
+                    k_h.sum(dim=2, dtype=torch.float32).unsqueeze(-1)], dim=-1)
+    product_dtype = _attention_product_dtype(v.dtype)
+    out = torch.relu(_split_heads(q, heads)).to(product_dtype) @ kv.to(product_dtype)
+    return (out[..., :d] / (out[..., d:] + LINEAR_ATTENTION_EPS)).transpose(1, 2).reshape(B, N, C).to(v.dtype)
 
 
 def _attention_product_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -58,7 +58,8 @@ def _has_gpu() -> bool:
 
 def write_extra_model_paths(models_dir: Path, target: Path) -> Path:
     """An extra_model_paths.yaml that appends models_dir's standard folders after ComfyUI's own."""
-    folders = ["diffusion_models", "text_encoders", "vae", "loras", "checkpoints", "clip_vision", "controlnet"]
+    folders = ["diffusion_models", "text_encoders", "vae", "loras", "checkpoints", "clip_vision", "controlnet",
+               "training_data"]
     lines = ["velox_demo:", f"  base_path: {models_dir.resolve()}"] + [f"  {f}: {f}" for f in folders]
     target.write_text("\n".join(lines) + "\n")
     return target

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from velox_import import register_pack  # noqa: E402
 
-DEMO_VERSION = "10"  # bump when a tiny model or a file name changes
+DEMO_VERSION = "11"  # bump when a tiny model or a file name changes
 
 SANA_FILE = "diffusion_models/Sana_1600M_1024px_BF16.pth"
 SPRINT_FILE = "diffusion_models/Sana_Sprint_1.6B_1024px.pth"
@@ -185,6 +185,12 @@ WRITERS.update(VIDEOCRAFTER_WRITERS)
 from demo_models_controlnet import CONTROLNET_WRITERS  # noqa: E402
 
 WRITERS.update(CONTROLNET_WRITERS)
+from demo_models_sana_video import SANA_VIDEO_WRITERS  # noqa: E402
+
+WRITERS.update(SANA_VIDEO_WRITERS)
+from demo_models_training import TRAINING_WRITERS  # noqa: E402
+
+WRITERS.update(TRAINING_WRITERS)
 from demo_models_nvfp4 import NVFP4_WRITERS  # noqa: E402  (after the models it converts)
 
 WRITERS.update(NVFP4_WRITERS)

@@ -304,7 +304,8 @@ def test_train_node_writes_the_lora_with_its_settings_and_a_loss_image(weights, 
     from safetensors import safe_open
 
     output = train_node(core_model(weights))
-    model, name, image = output.args
+    model, name, image, low_noise_model = output.args
+    assert low_noise_model is None  # one model trained: no low-noise expert output
     assert name == "trained.safetensors" and image.shape == (1, 360, 640, 3)
     with safe_open(str(loras_folder / name), "pt") as file:
         metadata = file.metadata()

@@ -163,6 +163,21 @@ def test_sana_trains_with_flow_matching_at_its_own_shift(comfy_host, tmp_path, o
     assert last < 0.8 * first, f"loss {first:.4f} -> {last:.4f}"
 
 
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_sana_linear_attention_under_autograd_matches_the_fused_inference_path(dtype, tolerance):
+    from velox.models.sana import relu_linear_attention
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 12, 64, generator=generator).to(dtype) for _ in range(3))
+    with torch.no_grad():
+        fused = relu_linear_attention(q, k, v, heads=2)
+    q.requires_grad_(True)
+    differentiable = relu_linear_attention(q, k, v, heads=2)
+    differentiable.float().sum().backward()
+    assert differentiable.dtype == fused.dtype and q.grad is not None
+    assert relative_l2(differentiable.detach(), fused) <= tolerance
+
+
 def test_sana_refuses_the_ffn_preset_and_sprint_models(comfy_host, tmp_path):
     from velox.host.lora_training import Sample, TrainConfig, train_lora
 
@@ -212,7 +227,7 @@ def test_expert_step_sends_each_sample_to_the_expert_of_its_sigma(comfy_host):
     boundary = 0.875
     assert (batch.sigma >= boundary).any() and (batch.sigma < boundary).any()
     weight = torch.nn.Parameter(torch.ones(()))
-    seen = {"high": [], "low": []}
+    seen = {"high": [], "low": [], "all": []}
 
     def predictor(side, factor):
         def predict(x, t, context, **_):
@@ -333,7 +348,7 @@ def test_train_node_refuses_a_model_of_no_trainable_family(comfy_host):
         class model:  # noqa: N801 - the ModelPatcher attribute
             @staticmethod
             def state_dict():
-                return {"diffusion_model.double_blocks.0.img_attn.qkv.weight": torch.zeros(1)}
+                return {"diffusion_model.joint_blocks.0.x_block.mlp.fc1.weight": torch.zeros(1)}
 
     with pytest.raises(VeloxLoadError, match="trains Wan, Sana and VideoCrafter / DynamiCrafter models; this model "
                                              "is of no family Velox knows"):
