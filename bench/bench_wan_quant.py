@@ -120,10 +120,26 @@ def weight_gb(model: torch.nn.Module) -> float:
     return sum(t.nelement() * t.element_size() for t in model.state_dict().values()) / 1e9
 
 
+def print_profile(variant: str, run, rows: int = 20) -> None:
+    """Top CUDA kernels of one forward, with their share of its GPU time (issue #16's profile)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.device_time_total for e in events)
+    print(f"profile {variant}: {total / 1e3:.1f} ms of kernels", flush=True)
+    for event in sorted(events, key=lambda e: -e.device_time_total)[:rows]:
+        print(f"  {event.device_time_total / total:6.1%} {event.device_time_total / 1e3:9.1f} ms "
+              f"x{event.count:<5} {event.key[:110]}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--profile", nargs="*", default=[], help="variants whose forward is profiled (top kernels)")
     args = parser.parse_args()
     boot_comfy()
     register_pack()
@@ -149,6 +165,8 @@ def main() -> None:
             run = lambda model=model: model(x, t, context, transformer_options=options)  # noqa: E731
             out = run().float()
             seconds[variant] = cuda_time(run, warmup=1, repeat=args.repeat)
+            if variant in args.profile:
+                print_profile(variant, run)
         if reference is None:
             reference = out
         record = {"bench": "wan14b_quant_forward", "variant": variant, "s": round(seconds[variant], 4),
