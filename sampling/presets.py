@@ -41,6 +41,9 @@ SAMPLING_PRESETS: dict[str, SamplingPreset] = {
                                    1.0, "trigflow", "trigflow"),
     "sprint_4step": SamplingPreset("SANA-Sprint: 4 steps, guidance 4.5 embedded, TrigFlow", 4, 4.5,
                                    1.0, "trigflow", "trigflow"),
+    # NVlabs Sana asset/docs/sana_video.md + diffusers SANA-Video_2B_480p_diffusers: 50 steps, CFG 6, flow_shift 8
+    "sana_video_480p": SamplingPreset("SANA-Video 2B 480p: 50 steps, CFG 6, shift 8, Flow-DPM-Solver", 50, 6.0, 8.0,
+                                      "flow_dpm_solver", "flow_dpm_solver"),
     # Wan-Video/Wan2.1 generate.py defaults for t2v-14B / t2v-1.3B: 50 steps, shift 5, guide 5, UniPC
     "wan21_t2v": SamplingPreset("Wan 2.1 T2V: 50 steps, CFG 5, shift 5, UniPC on the official schedule", 50, 5.0,
                                 5.0, "uni_pc_bh2", "wan_flow"),

@@ -1,0 +1,167 @@
+"""SANA-Video nodes: the transformer loader, the prompt encoder, empty and image-to-video latents.
+
+Glue only: each node validates its inputs and calls ``host.sana_video_model`` or
+``host.sana_video_conditioning``. Gemma comes from 'Load Sana Text Encoder', the Wan 2.1 VAE from
+'Load Wan VAE', sampling from the Velox Sampler (or core KSampler), all on ComfyUI's own types.
+"""
+
+from __future__ import annotations
+
+import comfy.model_management
+import torch
+from comfy_api.latest import io
+
+from ..host.model_paths import model_choices, resolve_model_choice
+from ..host.sana_video_conditioning import DEFAULT_MOTION_SCORE, latent_frames
+from .queue_validation import VeloxNode
+from .sana_nodes import DTYPES
+from .wan_sampling_nodes import wan_video_problem
+
+CATEGORY = "Velox/SANA-Video"
+DIFFUSERS_CLASS = "SanaVideoTransformer3DModel"
+LATENT_CHANNELS = 16  # Wan 2.1 VAE (the 480p release)
+
+
+def _is_sana_video_folder(path) -> bool:
+    configs = (path / "transformer" / "config.json", path / "config.json")
+    return any(config.is_file() and DIFFUSERS_CLASS in config.read_text(errors="ignore") for config in configs)
+
+
+def _size_inputs() -> list:
+    return [
+        io.Int.Input("width", default=832, min=16, max=8192, step=16,
+                     tooltip="Video width in pixels, a multiple of 16 (480p release: 832)."),
+        io.Int.Input("height", default=480, min=16, max=8192, step=16,
+                     tooltip="Video height in pixels, a multiple of 16 (480p release: 480)."),
+        io.Int.Input("length", default=81, min=1, max=8192, step=4,
+                     tooltip="Frames, 4n + 1 as the Wan VAE needs (release: 81 at 16 fps)."),
+        io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Videos per batch."),
+    ]
+
+
+def _size_problems(values: dict) -> list[str]:
+    sizes = {"width": 16, "height": 16, "length": 1}  # stand-ins for linked sizes, checked at run time
+    sizes.update((name, value) for name, value in values.items() if name in sizes and isinstance(value, int))
+    problem = wan_video_problem(**sizes)
+    return [problem] if problem else []
+
+
+class SanaVideoLoader(VeloxNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="VeloxSanaVideoLoader",
+            display_name="Load SANA-Video Model (Velox)",
+            category=CATEGORY,
+            description="Loads a SANA-Video transformer (2B 480p on the Wan 2.1 VAE; the 720p LTX-2 variant "
+            "loads too) from any layout: the official SANA_Video_2B_480p.pth or safetensors, a diffusers "
+            "file or folder (SANA-Video_2B_480p_diffusers, sharded too), ComfyUI-prefixed, or the local "
+            "Hugging Face cache. The variant is detected from the weights; shift 8 is set for sampling.",
+            inputs=[
+                io.Combo.Input("model_name", options=model_choices("diffusion_models", _is_sana_video_folder),
+                               tooltip="A file or diffusers folder in models/diffusion_models, or a SANA-Video "
+                               "repository already in the Hugging Face cache (never downloaded)."),
+                io.Combo.Input("weight_dtype", options=list(DTYPES), default="default",
+                               tooltip="Weight precision; 'default' lets ComfyUI pick for this GPU."),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model_name, weight_dtype) -> io.NodeOutput:
+        from ..host.sana_video_model import load_sana_video_model
+
+        path = resolve_model_choice("diffusion_models", model_name)
+        return io.NodeOutput(load_sana_video_model(path, dtype=DTYPES[weight_dtype]))
+
+
+class SanaVideoTextEncode(VeloxNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="VeloxSanaVideoTextEncode",
+            display_name="SANA-Video Text Encode (Velox)",
+            category=CATEGORY,
+            description="Encodes the positive prompt as SANA-Video's pipelines do: ' motion score: N.' appended, "
+            "the video complex human instruction in front, Gemma's last hidden state over 300 tokens with "
+            "the attention mask. Encode the negative prompt with 'Sana Text Encode' and complex human "
+            "instruction off (the reference encodes it plainly, without a motion score).",
+            inputs=[
+                io.Clip.Input("clip", tooltip="The Gemma text encoder from 'Load Sana Text Encoder'."),
+                io.String.Input("text", multiline=True, dynamic_prompts=True, tooltip="The prompt."),
+                io.Int.Input("motion_score", default=DEFAULT_MOTION_SCORE, min=0, max=1000,
+                             tooltip="How much motion to ask for; appended as ' motion score: N.' (release "
+                             "default 30; higher moves more)."),
+            ],
+            outputs=[io.Conditioning.Output()],
+        )
+
+    @classmethod
+    def execute(cls, clip, text, motion_score) -> io.NodeOutput:
+        from ..host.sana_video_conditioning import encode_sana_video_prompt
+
+        if clip is None:
+            raise RuntimeError("VeloxSanaVideoTextEncode: no text encoder connected to 'clip'.")
+        return io.NodeOutput(encode_sana_video_prompt(clip, text, motion_score))
+
+
+class EmptySanaVideoLatent(VeloxNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="VeloxEmptySanaVideoLatent",
+            display_name="Empty SANA-Video Latent (Velox)",
+            category=CATEGORY,
+            description="Empty 5-D Wan 2.1 VAE latent for SANA-Video text-to-video: (B, 16, (frames - 1) / 4 + 1, "
+            "H / 8, W / 8). Refuses frame counts other than 4n + 1 and sizes that are not multiples of 16, "
+            "saying which value to use.",
+            inputs=_size_inputs(),
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def value_problems(cls, values: dict) -> list[str]:
+        return _size_problems(values)
+
+    @classmethod
+    def execute(cls, width, height, length, batch_size) -> io.NodeOutput:
+        cls.check_values(width=width, height=height, length=length, batch_size=batch_size)
+        shape = [batch_size, LATENT_CHANNELS, latent_frames(length), height // 8, width // 8]
+        return io.NodeOutput({"samples": torch.zeros(shape, device=comfy.model_management.intermediate_device())})
+
+
+class SanaVideoImageToVideo(VeloxNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="VeloxSanaVideoImageToVideo",
+            display_name="SANA-Video Image to Video (Velox)",
+            category=CATEGORY,
+            description="SANA-Video image-to-video as SanaImageToVideoPipeline: the start image, resized to the "
+            "video size, is VAE-encoded into latent frame 0, which a noise mask keeps clean (the model runs "
+            "it at t = 0); the other frames are sampled. The conditioning passes through unchanged.",
+            inputs=[
+                io.Conditioning.Input("positive", tooltip="From 'SANA-Video Text Encode'."),
+                io.Conditioning.Input("negative", tooltip="The plainly encoded negative prompt."),
+                io.Vae.Input("vae", tooltip="The Wan 2.1 VAE ('Load Wan VAE')."),
+                io.Image.Input("start_image", tooltip="The first frame of the video (the first image of a batch)."),
+                *_size_inputs(),
+            ],
+            outputs=[io.Conditioning.Output(display_name="positive"), io.Conditioning.Output(display_name="negative"),
+                     io.Latent.Output(display_name="latent")],
+        )
+
+    @classmethod
+    def value_problems(cls, values: dict) -> list[str]:
+        return _size_problems(values)
+
+    @classmethod
+    def execute(cls, positive, negative, vae, start_image, width, height, length, batch_size) -> io.NodeOutput:
+        from ..host.sana_video_conditioning import image_to_video_latent
+
+        cls.check_values(width=width, height=height, length=length, batch_size=batch_size)
+        latent = image_to_video_latent(vae, start_image, width, height, length, batch_size)
+        return io.NodeOutput(positive, negative, latent)
+
+
+SANA_VIDEO_NODES = [SanaVideoLoader, SanaVideoTextEncode, EmptySanaVideoLatent, SanaVideoImageToVideo]
