@@ -31,6 +31,7 @@ import comfy.text_encoders.wan
 import torch
 
 from ..errors import VeloxLoadError
+from ..loaders.families import FAMILIES
 from ..loaders.gguf_detect import detect_gguf
 from ..loaders.gguf_reader import GGUFContents, read_gguf, record_as_torch
 from ..loaders.gguf_text_keys import is_llama_cpp_layout
@@ -44,8 +45,7 @@ GEMMA2_CONFIG_KEYS = ("velox.safetensors_metadata.gemma2_config", "velox.diffuse
 FLOAT_TYPES = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}  # GGML F32, F16, BF16
 # tokenizer.ggml.model -> SentencePiece ModelProto.TrainerSpec.ModelType (1 unigram: T5; 2 BPE: Gemma, Llama)
 SPM_MODEL_TYPES = {"t5": 1, "llama": 2}
-FAMILY_WORDS = {"umt5": "a umT5 / T5 encoder (Wan's text encoder)", "gemma2": "Gemma-2 (Sana's text encoder)",
-                "wan": "a Wan transformer", "sana": "a Sana transformer", "videocrafter": "a VideoCrafter UNet"}
+FAMILY_WORDS = {family.name: family.noun for family in FAMILIES.values()}
 TOKENIZER_NEEDED = ("a GGUF with its tokenizer: one converted by Velox (scripts/convert_to_gguf.py, which keeps "
                     "the SentencePiece model as velox.bytes.spiece_model), or a llama.cpp file with "
                     "tokenizer.ggml.tokens / scores / token_type")
