@@ -25,7 +25,6 @@ from .families import SANA, refuse_foreign
 from .sana_keys import canonicalize_sana_state_dict, strip_sana_prefix
 
 DIFFUSERS_CLASS = SANA.diffusers_class
-SANA_MARKERS = SANA.markers
 SANA_EXPECTED = (
     "a Sana transformer: official keys such as x_embedder.proj.weight, blocks.0.attn.qkv.weight, "
     "blocks.0.mlp.inverted_conv.conv.weight, or diffusers keys such as patch_embed.proj.weight, "

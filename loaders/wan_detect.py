@@ -19,7 +19,6 @@ from .checkpoint_files import unwrap_state_dict
 from .families import WAN, refuse_foreign
 from .wan_keys import canonicalize_wan_state_dict, strip_wan_prefix
 
-WAN_MARKERS = WAN.markers
 WAN_EXPECTED = (
     "a Wan transformer: official / ComfyUI keys such as patch_embedding.weight, head.modulation, "
     "blocks.0.self_attn.q.weight, or diffusers keys such as condition_embedder.time_proj.weight, "
