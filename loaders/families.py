@@ -9,7 +9,12 @@ Patterns are regular expressions over canonical names (``re.search``); markers a
 named as ``"module:function"`` under the package and imported on first use, so this module stays
 at the bottom of ``loaders/`` and the family modules may import it.
 
-To add a family: a ``Family(...)`` entry in ``FAMILIES`` (see the README section "Adding a family").
+To add a family: its own files (the model in ``models/``, key map and detector in ``loaders/``, the
+ComfyUI model config in ``host/``, tiny weights in ``tiny/``), then one ``Family(...)`` here in
+``FAMILIES`` (markers, signs, noun, keep_float / keep_f32, shared_input, lora_rules, gguf_architecture,
+nvfp4, sniff / canonicalize / demo), its nodes in the node list and its presets in
+``sampling/presets.py``. Detection, refusals, GGUF detection and conversion, quantized loading,
+shared activations and LoRA detection pick the entry up; ``host/model_build.build_patcher`` builds it.
 """
 
 from __future__ import annotations
