@@ -269,6 +269,13 @@ def family_by_diffusers_class(class_name: str | None) -> Family | None:
     return next((f for f in FAMILIES.values() if class_name and f.diffusers_class == class_name), None)
 
 
+def foreign_signs(exclude: str) -> tuple[tuple[str, str], ...]:
+    """(key fragment, what the file is) of every family but ``exclude``, then of ``OTHER_MODELS``:
+    what a loader of ``exclude`` checks, in order, to name a file it refuses."""
+    own = tuple(sign for f in FAMILIES.values() if f.name != exclude for sign in f.signs)
+    return own + OTHER_MODELS
+
+
 def identify(keys: Iterable[str], exclude: Iterable[str] = (),
              first: tuple[tuple[str, str], ...] = ()) -> tuple[str, Family | None] | None:
     """(what a checkpoint with these keys is, the Velox family it belongs to or None), judged by the

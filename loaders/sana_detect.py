@@ -21,10 +21,14 @@ import torch
 from ..errors import VeloxLoadError
 from ..models.sana import SANA_PRESETS, SanaConfig
 from .checkpoint_files import read_component, unwrap_state_dict
-from .families import SANA, refuse_foreign
+from .families import SANA, foreign_signs, refuse_foreign
 from .sana_keys import canonicalize_sana_state_dict, strip_sana_prefix
 
 DIFFUSERS_CLASS = SANA.diffusers_class
+SANA_MARKERS = SANA.markers
+# (a key fragment, what a file holding it is) of everything that is not Sana, for loaders of
+# Sana-like families (the registry's signs of the other families, then of other models)
+FOREIGN_FAMILIES = foreign_signs(SANA.name)
 SANA_EXPECTED = (
     "a Sana transformer: official keys such as x_embedder.proj.weight, blocks.0.attn.qkv.weight, "
     "blocks.0.mlp.inverted_conv.conv.weight, or diffusers keys such as patch_embed.proj.weight, "

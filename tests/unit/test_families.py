@@ -154,7 +154,8 @@ def test_loader_tables_read_from_the_registry():
     assert gguf_families.AUTO_ORDER == ("sana", "wan", "videocrafter", "t5encoder", "gemma2")
     assert gguf_detect.ARCHITECTURES["t5"] == "umt5"
     assert nvfp4_convert.NVFP4_FAMILIES == ("sana", "wan")
-    assert sana_detect.DIFFUSERS_CLASS == "SanaTransformer2DModel"
+    assert sana_detect.DIFFUSERS_CLASS == "SanaTransformer2DModel" and sana_detect.SANA_MARKERS == SANA.markers
+    assert sana_detect.FOREIGN_FAMILIES[0] == ("head.modulation", "a Wan transformer")
     assert sana_controlnet_keys.DIFFUSERS_CLASS == "SanaControlNetModel"
     assert videocrafter_detect.UNET_MARKER == "input_blocks.0.0.weight"
 
