@@ -117,16 +117,16 @@ def check_sm80(head_dim: int = 128) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from velox.kernels.attention_8bit import CONFIGS, KERNEL_OPTIONS, _attention_kernel
+    from velox.kernels.attention_8bit import CONFIGS, KERNEL_OPTIONS, attention_kernel
 
     block_m, block_n, warps, stages = CONFIGS["accurate"]
     constants = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, FP8_PV=False, P_LOG2=0.0, DROP_BITS=16,
                      INTERPRETER=False, **KERNEL_OPTIONS)
     pointers = dict(q_ptr="*i8", k_ptr="*i8", v_ptr="*bf16", out_ptr="*bf16")
-    names = _attention_kernel.arg_names
+    names = attention_kernel.arg_names
     signature = {n: "constexpr" if n in constants else pointers.get(n, "*fp32" if n.endswith("_ptr") else "i32")
                  for n in names}
-    source = ASTSource(fn=_attention_kernel, signature=signature,
+    source = ASTSource(fn=attention_kernel, signature=signature,
                        constexprs={(names.index(n),): value for n, value in constants.items()})
     compiled = triton.compile(source, target=GPUTarget("cuda", 80, 32), options=dict(num_warps=warps, num_stages=stages))
     ptx = compiled.asm["ptx"]

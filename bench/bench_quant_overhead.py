@@ -74,7 +74,7 @@ def paths(tokens: int, out_features: int, in_features: int) -> dict:
 
     from velox.kernels import gguf_dequant
     from velox.kernels.gguf_dequant_torch import dequantize_torch
-    from velox.kernels.gguf_dequant_triton import _dequantize_through_triton, dequantize_triton
+    from velox.kernels.gguf_dequant_triton import dequantize_through_triton, dequantize_triton
     from velox.kernels.gguf_quantize_torch import quantize
 
     g = torch.Generator("cuda").manual_seed(0)
@@ -101,7 +101,7 @@ def paths(tokens: int, out_features: int, in_features: int) -> dict:
         "quant_ops Linear, Q8_0": lambda: q8(x),
         "quant_ops Linear, Q8_0, PyTorch dequant": q8_with_torch_dequant,
         "dequantize_triton Q8_0 alone (direct launch)": lambda: dequantize_triton(blocks, int(Q.Q8_0), shape, torch.bfloat16),
-        "dequantize Q8_0 through Triton's launcher": lambda: _dequantize_through_triton(
+        "dequantize Q8_0 through Triton's launcher": lambda: dequantize_through_triton(
             blocks, int(Q.Q8_0), shape, torch.bfloat16, None),
         "dequantize_torch Q8_0 alone": lambda: dequantize_torch(blocks, int(Q.Q8_0), shape, torch.bfloat16),
         "Triton no-op launch": noop_launch(),

@@ -32,21 +32,16 @@ from ..errors import VeloxLoadError
 from ..kernels import nvfp4_torch
 from ..kernels.fp8_linear import FP8_DTYPE
 from ..loaders.checkpoint_files import read_component, read_safetensors_metadata, sibling_config
+from ..loaders.families import families_of_kind
 from .quant_tensor import PackedWeight, per_channel_scale
 
 GGUF_SUFFIX = ".gguf"
 QUANTIZATIONS = ("none", "fp8_e4m3", "int8", "nvfp4")
 QUANT_COMPUTES = ("dequant", "lowp")
 # Layers that stay in high precision whatever the selector says (regular expressions over layer
-# names): embeddings, modulation, norms, heads, time/text embedders, the depthwise conv.
-NEVER_QUANTIZE: dict[str, tuple[str, ...]] = {
-    "sana": (r"^x_embedder\.", r"^t_embedder\.", r"^cfg_embedder\.", r"^t_block\.", r"^y_embedder\.",
-             r"^final_layer\.", r"^logvar_linear", r"depth_conv", r"norm"),
-    "wan": (r"^patch_embedding", r"^vace_patch_embedding", r"^text_embedding\.", r"^time_embedding\.",
-            r"^time_projection\.", r"^img_emb\.", r"^head\.", r"modulation", r"norm"),
-    "videocrafter": (r"^time_embed\.", r"^fps_embedding\.", r"emb_layers\.", r"^image_proj_model\.",
-                     r"^input_blocks\.0\.0\.", r"^out\.", r"norm", r"embeddings_table"),
-}
+# names): embeddings, modulation, norms, heads, time/text embedders, the depthwise conv. The
+# registry's keep-in-float patterns, one table with the converter's.
+NEVER_QUANTIZE: dict[str, tuple[str, ...]] = {f.name: f.keep_float for f in families_of_kind("diffusion")}
 COMFY_QUANT_SUFFIX = ".comfy_quant"
 QUANT_METADATA_KEY = "_quantization_metadata"
 SCALED_FP8_MARKER = "scaled_fp8"

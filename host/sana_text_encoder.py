@@ -48,6 +48,14 @@ from ..loaders.sana_text import (  # noqa: F401  (re-exported: the text-encoder 
     SANA_MAX_SEQUENCE_LENGTH,
     TOKENIZER_JSON_KEY,
 )
+from .gguf_text_weights import (
+    clip_devices,
+    encoder_dtype,
+    gguf_text_operations,
+    load_packed,
+    parameter_count,
+    read_gemma2_gguf,
+)
 
 # a transformers folder's weights, most preferred first
 HF_WEIGHT_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "model.safetensors",
@@ -354,8 +362,6 @@ def load_sana_text_encoder(source, dtype: torch.dtype | None = None,
     """
     path = Path(source)
     if path.is_file() and path.suffix.lower() == ".gguf":
-        from .gguf_text_encoders import load_gemma2_gguf
-
         return load_gemma2_gguf(path, dtype, device)
     if path.is_dir():
         state_dict, hf_config, tokenizer_data = _read_hf_folder(path)
@@ -390,3 +396,27 @@ def load_sana_text_encoder(source, dtype: torch.dtype | None = None,
 def _checkpoint_dtype(state_dict: dict) -> torch.dtype | None:
     dtype = state_dict["model.norm.weight"].dtype
     return dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else None
+
+
+def load_gemma2_gguf(path: str | Path, dtype: torch.dtype | None = None,
+                     device: torch.device | str | None = None) -> comfy.sd.CLIP:
+    """A Gemma-2 GGUF as Sana's CLIP (this module's classes, checks and tokenizer)."""
+    expected = "a Gemma-2-2B(-it) GGUF (converted by Velox, or by llama.cpp with its tokenizer)"
+    weights, hf_config, tokenizer_data = read_gemma2_gguf(path, expected)
+    path = Path(path)
+    if "model.embed_tokens.weight" not in weights:
+        raise VeloxLoadError(path, f"lacks the token embedding (first tensors: {list(weights)[:3]})", expected)
+    config = gemma2_core_config(hf_config, path)
+    pieces = gemma_pieces(tokenizer_data)
+    _check_fits(weights, config, pieces, path)
+    # a quantized embedding tells no dtype: bf16, Gemma-2's own (its activations overflow fp16)
+    model_options = {"dtype": encoder_dtype(weights, "model.embed_tokens.weight", dtype, torch.bfloat16),
+                     "custom_operations": gguf_text_operations()}
+    if device is not None:
+        model_options["load_device"] = torch.device(device)
+    model_options = clip_devices(model_options)
+    target = SimpleNamespace(clip=SanaTextEncoder, tokenizer=SanaGemmaTokenizer, params={"config": config})
+    clip = comfy.sd.CLIP(target, tokenizer_data=tokenizer_data, model_options=model_options,
+                         parameters=parameter_count(weights))
+    load_packed(clip, weights, path, "Gemma-2")
+    return clip

@@ -22,15 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..loaders.families import FAMILIES
+
 # family -> regular expressions (re.search over layer names) of layers that share their input with
-# the sibling layers of the same parent module, called one after another on one tensor
-SHARED_INPUT: dict[str, tuple[str, ...]] = {
-    # core's WanSelfAttention / WanT2VCrossAttention / WanI2VCrossAttention
-    "wan": (r"self_attn\.[qkv]$", r"cross_attn\.[kv]$", r"cross_attn\.[kv]_img$"),
-    # models/unet3d_attention.py CrossAttention: q, k, v on x (self-attention); k, v on the text
-    # slice and k_ip, v_ip on the image slice of the context (cross-attention)
-    "videocrafter": (r"attn[12]\.to_[qkv]$", r"attn2\.to_[kv]_ip$"),
-}
+# the sibling layers of the same parent module, called one after another on one tensor (the
+# registry's ``shared_input``)
+SHARED_INPUT: dict[str, tuple[str, ...]] = {f.name: f.shared_input for f in FAMILIES.values() if f.shared_input}
 
 Quantizer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 

@@ -25,8 +25,6 @@ from ..loaders.videocrafter_detect import VideoCrafterVariant
 from ..models.resampler import Resampler, ResamplerConfig
 from ..models.unet3d import UNet3D, UNet3DConfig
 
-SD_SCALE_FACTOR = 0.18215  # the SD KL-f8 VAE's latent scale, every VideoCrafter config
-
 
 class VideoCrafterUNet(UNet3D):
     """UNet3D + optional Resampler, called the way ComfyUI's BaseModel calls a diffusion model.

@@ -16,7 +16,6 @@ go back under the UNet's names (renames only) and the model gets our ``operation
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -24,16 +23,13 @@ import comfy.model_patcher
 import torch
 
 from ..errors import VeloxLoadError
-from ..loaders.gguf_detect import ARCHITECTURES
+from ..loaders.families import VIDEOCRAFTER, family_by_architecture
 from ..loaders.videocrafter_detect import EXPECTED, PREFIXES, VideoCrafterVariant
-from .quant_loading import NEVER_QUANTIZE, Weights, densify_non_matrices, is_gguf, restore_packed
-from .quant_models import _describe, _devices, _inference_dtypes, _load_checked
-from .quant_ops import make_quant_operations
+from .model_build import build_patcher
+from .quant_loading import Weights, densify_non_matrices, is_gguf, restore_packed
 from .quant_tensor import PackedWeight
-from .shared_activation import SHARED_INPUT
 from .videocrafter_model import VideoCrafterModelConfig
 
-FAMILY = "videocrafter"
 ENCODER_PREFIXES = tuple(PREFIXES[c] for c in ("vae", "text", "vision"))  # built by core, never packed
 
 
@@ -47,16 +43,8 @@ def build_quantized_videocrafter(unet: Mapping[str, torch.Tensor], lookup, varia
     weights); lookup: ``detection_view``'s, to put the packed records back.
     """
     state_dict = densify_non_matrices(restore_packed(unet, lookup, path))
-    load_device, offload_device = _devices()
-    model_config = VideoCrafterModelConfig(variant)
-    dtype = _inference_dtypes(model_config, unet, dtype, load_device)
-    model_config.custom_operations = make_quant_operations(quantization, compute, NEVER_QUANTIZE[FAMILY],
-                                                           shared_input=SHARED_INPUT[FAMILY])
-    model = model_config.get_model(state_dict, device=offload_device)
-    _load_checked(model.diffusion_model, state_dict, path, variant.name)
-    logging.info("Velox: %s UNet loaded from %s (%s; %s)", variant.name, path, dtype,
-                 _describe(quantization, compute, state_dict))
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    return build_patcher(VIDEOCRAFTER, VideoCrafterModelConfig(variant), unet, state_dict, path, variant.name,
+                         dtype, quantization, compute, label=f"{variant.name} UNet")
 
 
 def dense_encoders(weights: Weights) -> dict[str, torch.Tensor]:
@@ -74,8 +62,8 @@ def refuse_foreign_gguf(path: str | Path) -> None:
     from ..loaders.gguf_reader import read_gguf
 
     architecture = read_gguf(path).architecture
-    family = ARCHITECTURES.get(architecture or "")
-    if family is not None and family != FAMILY:
-        raise VeloxLoadError(path, f"this GGUF holds a {family} model (general.architecture {architecture!r}), "
+    family = family_by_architecture(architecture)
+    if family is not None and family is not VIDEOCRAFTER:
+        raise VeloxLoadError(path, f"this GGUF holds a {family.name} model (general.architecture {architecture!r}), "
                              "not a VideoCrafter / DynamiCrafter UNet; use its own Velox loader",
                              "a GGUF converted from " + EXPECTED)

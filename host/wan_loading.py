@@ -13,6 +13,7 @@ import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
+from types import SimpleNamespace
 
 import comfy.model_detection
 import comfy.model_management
@@ -34,6 +35,15 @@ from ..loaders.checkpoint_files import (
 from ..loaders.state_dict_fit import load_into
 from ..loaders.wan_detect import WanVariant, sniff_wan, wan_core_config
 from ..loaders.wan_vae_keys import canonicalize_wan_vae_state_dict
+from .gguf_text_weights import (
+    clip_devices,
+    encoder_dtype,
+    gguf_text_operations,
+    load_packed,
+    parameter_count,
+    read_text_encoder_gguf,
+    spiece_tensor,
+)
 from .model_paths import HF_CACHE_PREFIX
 from .quant_loading import has_quantized_layers, is_gguf, read_weights
 
@@ -186,13 +196,11 @@ def load_umt5(source: str | Path, cpu: bool = False):
     scaled-fp8 and quantization metadata keep working), or a diffusers ``text_encoder/`` + ``tokenizer/``
     folder. The size comes from the weights: anything but XXL (a tiny demo umT5) is built by core's
     Wan text encoder with its config overridden through ``model_options["umt5xxl_model_config"]``.
-    A ``.gguf`` (ours or city96's / llama.cpp's) loads through ``host/gguf_text_encoders.py``."""
+    A ``.gguf`` (ours or city96's / llama.cpp's) loads through ``load_umt5_gguf``."""
     path = resolve_source(source)
     cpu_device = torch.device("cpu")
     options = {"load_device": cpu_device, "offload_device": cpu_device, "initial_device": cpu_device} if cpu else {}
     if is_gguf(path):  # ours or llama.cpp's; Linear weights stay packed
-        from .gguf_text_encoders import load_umt5_gguf
-
         return load_umt5_gguf(path, options)
     try:
         config = umt5_config(_umt5_shapes(path), path)
@@ -207,6 +215,27 @@ def load_umt5(source: str | Path, cpu: bool = False):
         if isinstance(error, VeloxLoadError):
             raise
         raise VeloxLoadError(path, f"ComfyUI could not load it as umT5 ({str(error)[:200]})", UMT5_EXPECTED) from None
+
+
+def load_umt5_gguf(path: str | Path, options: Mapping | None = None, dtype: torch.dtype | None = None):
+    """A umT5 GGUF (ours or llama.cpp's / city96's) as Wan's CLIP: core's Wan text encoder and
+    tokenizer, the config fields read from the shapes (``umt5_config``)."""
+    gguf = read_text_encoder_gguf(path, "umt5", UMT5_EXPECTED)
+    weights = dict(gguf.weights)
+    weights.pop("encoder.embed_tokens.weight", None)  # tied to shared.weight
+    config = umt5_config(gguf.shapes(), gguf.path)
+    dtype = encoder_dtype(weights, "shared.weight", dtype)
+    target = SimpleNamespace(clip=comfy.text_encoders.wan.te(dtype_t5=dtype),
+                             tokenizer=comfy.text_encoders.wan.WanT5Tokenizer, params={})
+    model_options = {**clip_devices(options or {}), "dtype": dtype, "custom_operations": gguf_text_operations(),
+                     "umt5xxl_model_config": dict(config, num_decoder_layers=config["num_layers"])}
+    clip = comfy.sd.CLIP(target, parameters=parameter_count(weights), model_options=model_options,
+                         tokenizer_data={"spiece_model": spiece_tensor(gguf.spiece_model)})
+    _, unexpected = load_packed(clip, weights, gguf.path, f"umT5 {json.dumps(config)}")
+    if unexpected:
+        logging.warning("Velox: umT5 %s: unexpected tensors %s", gguf.path, list(unexpected)[:4])
+    return clip
+
 
 
 def _umt5_shapes(path: Path) -> dict[str, tuple[int, ...]]:

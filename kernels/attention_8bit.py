@@ -8,7 +8,7 @@ Same numbers as ``kernels/attention_8bit_torch.py`` (its docstring gives the des
   attention loop loads whole tiles without masks.
 - ``_quantize_values_kernel`` (fast mode): V to e4m3 with per-channel scales, stored transposed
   (B*H, D, Lk_pad): Hopper's FP8 tensor cores take only K-major operands, and in P.V the keys are K.
-- ``_attention_kernel``: one program per BLOCK_M queries of one head; INT8 Q.Kᵀ into int32, online
+- ``attention_kernel``: one program per BLOCK_M queries of one head; INT8 Q.Kᵀ into int32, online
   softmax in fp32 with ``exp2``, P.V in FP8 (fast) or in V's dtype (accurate), fp32 accumulator.
   Only the tail key block is masked.
 
@@ -174,7 +174,7 @@ if AVAILABLE:
         return acc, m_new, l_i
 
     @triton.jit
-    def _attention_kernel(q_ptr, q_scale_ptr, k_ptr, k_scale_ptr, v_ptr, v_scale_ptr, out_ptr,
+    def attention_kernel(q_ptr, q_scale_ptr, k_ptr, k_scale_ptr, v_ptr, v_scale_ptr, out_ptr,
                           Lq, Lk, H, Lq_pad, Lk_pad, stride_vb, stride_vh, stride_vn, stride_vd,
                           stride_ob, stride_oh, stride_ol,
                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -282,7 +282,7 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, accurate
         values, v_scale = _quantize_values(v, block_n)
         v_strides = (H * D * values.shape[2], D * values.shape[2], 1, values.shape[2])
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    _attention_kernel[(q_codes.shape[1] // block_m, B * H)](
+    attention_kernel[(q_codes.shape[1] // block_m, B * H)](
         q_codes, q_scale, k_codes, k_scale, values, v_scale, out, Lq, Lk, H, q_codes.shape[1], k_codes.shape[1],
         *v_strides, out.stride(0), out.stride(1), out.stride(2), HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
         FP8_PV=not accurate, P_LOG2=0.0 if accurate else P_LOG2_SCALE, DROP_BITS=_DROPPED_BITS[q.dtype],

@@ -14,9 +14,8 @@ import functools
 
 import torch
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0  # largest finite e4m3fn value
-MIN_SCALE_AMAX = 1e-12
+from .fp8_format import FP8_DTYPE, FP8_MAX, MIN_SCALE_AMAX
+
 ROWWISE_MIN_CAPABILITY = (9, 0)
 # Hopper FP8 tensor cores accumulate in reduced precision unless the GEMM promotes partial sums to
 # fp32 every few k-steps; ``use_fast_accum`` skips that promotion. On an H100 (bench/RESULTS.md,
@@ -63,7 +62,7 @@ def scaled_mm_supported(device: torch.device, in_features: int, out_features: in
 
 def fp8_row_quantizer():
     """The per-token FP8 activation quantizer ``fp8_linear_scaled_mm`` uses: Triton's when installed."""
-    from . import fp8_quant_triton  # imported here: it reads this module's constants
+    from . import fp8_quant_triton  # imported here: Triton loads only when a quantizer is asked for
 
     return fp8_quant_triton.quantize_fp8_rows_triton if fp8_quant_triton.AVAILABLE else quantize_fp8_rows
 

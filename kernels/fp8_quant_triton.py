@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .fp8_linear import FP8_DTYPE, FP8_MAX, MIN_SCALE_AMAX
+from .fp8_format import FP8_DTYPE, FP8_MAX, MIN_SCALE_AMAX
 from .triton_launch import row_launch_shape
 
 try:

@@ -240,18 +240,18 @@ def dequantize_triton(data: torch.Tensor, qtype: int, shape: tuple[int, ...],
     A repeat call for a (type, dtype, shape, device, alignment) already seen takes the direct launch.
     """
     if torch.compiler.is_compiling():  # traced: the kernel call goes into the graph (no data pointers here)
-        return _dequantize_through_triton(data, qtype, shape, dtype, where)[0]
+        return dequantize_through_triton(data, qtype, shape, dtype, where)[0]
     key = (int(qtype), dtype, tuple(shape), data.device, data.data_ptr() % 16 == 0)
     direct = _DIRECT_LAUNCHES.get(key)
     if direct is not None and direct.accepts(data):
         return direct(data)
-    out, launched = _dequantize_through_triton(data, qtype, shape, dtype, where)
+    out, launched = dequantize_through_triton(data, qtype, shape, dtype, where)
     if key not in _DIRECT_LAUNCHES and launched is not None:
         _DIRECT_LAUNCHES[key] = DequantizeLaunch.verified(*launched, data, out)
     return out
 
 
-def _dequantize_through_triton(data, qtype, shape, dtype, where):
+def dequantize_through_triton(data, qtype, shape, dtype, where):
     """The checked path through Triton's own launcher: (out, (kernel, grid, static args) or None)."""
     if not AVAILABLE:
         raise RuntimeError("Triton is not installed; use kernels.gguf_dequant.dequantize")

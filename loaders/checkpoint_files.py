@@ -145,7 +145,7 @@ def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
 def load_sharded_safetensors(index_path: str | Path) -> dict[str, torch.Tensor]:
     """A ``*.safetensors.index.json`` and the shards its ``weight_map`` names (next to it)."""
     index_path = Path(index_path)
-    weight_map = _read_weight_map(index_path)
+    weight_map = read_weight_map(index_path)
     shards = [index_path.parent / name for name in sorted(set(weight_map.values()))]
     for shard in shards:
         if not shard.is_file():
@@ -160,7 +160,7 @@ def load_sharded_safetensors(index_path: str | Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def _read_weight_map(index_path: Path) -> dict[str, str]:
+def read_weight_map(index_path: Path) -> dict[str, str]:
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -184,14 +184,14 @@ def load_weights_only_pickle(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise _pickle_error(path, str(error)) from None
+        raise pickle_error(path, str(error)) from None
     except (EOFError, RuntimeError, OSError) as error:
         raise VeloxLoadError(path, f"truncated or corrupt checkpoint ({str(error)[:200]})",
                              "a complete torch checkpoint") from None
     return unwrap_state_dict(obj, path)
 
 
-def _pickle_error(path: Path, message: str) -> VeloxLoadError:
+def pickle_error(path: Path, message: str) -> VeloxLoadError:
     """Tell "stores Python objects" (needs unsafe pickle) apart from "not a checkpoint at all"; the
     first in the pack's own words, never PyTorch's multi-line ``weights_only`` advice."""
     unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", message)

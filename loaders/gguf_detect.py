@@ -17,15 +17,13 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from ..errors import VeloxLoadError
-from .gguf_families import FAMILIES
+from .families import FAMILIES, families_of_kind, family_by_markers
 from .gguf_reader import GGUFContents
 from .gguf_text_keys import is_llama_cpp_layout, text_key_map, value_offset
 
 # general.architecture -> family, when the writer said it (city96, llama.cpp, ours)
-ARCHITECTURES = {"wan": "wan", "sana": "sana", "videocrafter": "videocrafter", "t5": "umt5",
-                 "t5encoder": "umt5", "gemma2": "gemma2"}
-HF_TEXT_MARKERS = {"umt5": "encoder.block.0.layer.0.SelfAttention.q.weight",
-                   "gemma2": "model.layers.0.self_attn.q_proj.weight"}
+ARCHITECTURES = {architecture: family.name for family in FAMILIES.values()
+                 for architecture in (family.gguf_architecture, *family.gguf_aliases) if architecture}
 UMT5_XXL_VOCAB = 256384
 
 
@@ -79,13 +77,13 @@ def _family(contents: GGUFContents, names: list[str]) -> str:
     by_architecture = ARCHITECTURES.get(contents.architecture or "")
     if by_architecture:
         return by_architecture
-    for family in ("umt5", "gemma2"):
-        if is_llama_cpp_layout(names, family) or HF_TEXT_MARKERS[family] in names:
-            return family
+    for text_encoder in families_of_kind("text_encoder"):
+        if is_llama_cpp_layout(names, text_encoder.name) or text_encoder.marks(names):
+            return text_encoder.name
     # No or a foreign architecture string ("pig", stable-diffusion.cpp's none): judge by the names.
-    for name in ("sana", "wan", "videocrafter"):
-        if any(key.endswith(FAMILIES[name].markers) for key in names):
-            return name
+    by_names = family_by_markers(names, (f for f in families_of_kind("diffusion") if f.gguf_architecture))
+    if by_names is not None:
+        return by_names.name
     raise VeloxLoadError(contents.path, f"GGUF of architecture {contents.architecture!r} holds no model "
                          f"Velox knows (first tensors: {', '.join(names[:4])})",
                          "a Sana, Wan, VideoCrafter / DynamiCrafter, umT5 or Gemma-2 GGUF")

@@ -7,10 +7,10 @@ also ComfyUI's and city96's), so a converted file loads through the same key map
 safetensors one. Groups exist because Sana's diffusers layout fuses ``to_q/to_k/to_v`` into one
 ``qkv``: the converter reads a whole block's tensors together, never the whole model.
 
-Never-quantize lists (regular expressions over canonical names) follow city96's ``lcpp.patch``
-for Wan and the issue's rule for every family: embeddings, modulation, norms, heads, time / text
-embedders stay in a float type. ``KEEP_F32`` are parameters that city96 keeps in F32 (Wan's
-``modulation``, Sana's ``scale_shift_table``: added to activations, not multiplied).
+Keep-in-float and keep-in-F32 patterns, markers and architectures come from the family registry
+(``loaders/families.py``): embeddings, modulation, norms, heads, time / text embedders stay in a
+float type; F32 holds what city96 keeps in F32 (Wan's ``modulation``, Sana's
+``scale_shift_table``: added to activations, not multiplied).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 
 from ..errors import VeloxLoadError
+from .families import FAMILIES as REGISTRY
+from .families import Family
 from .sana_keys import SANA_PREFIXES as COMFY_PREFIXES
 from .sana_keys import canonicalize_sana_state_dict
 from .wan_keys import diffusers_to_official_key, is_diffusers_wan, strip_wan_prefix
@@ -47,45 +49,18 @@ class GGUFFamily:
         return any(re.search(pattern, name) for pattern in self.keep_f32)
 
 
+def _from_registry(family: Family) -> GGUFFamily:
+    return GGUFFamily(family.gguf_architecture, family.gguf_architecture, family.keep_float, family.keep_f32,
+                      family.markers)
+
+
+# Keyed by the GGUF architecture (the converter's ``--family``): Velox's families that have one,
+# in the registry's order (the order auto detection tries), and the generic rules.
 FAMILIES: dict[str, GGUFFamily] = {
-    "sana": GGUFFamily(
-        "sana", "sana",
-        keep_float=(r"^x_embedder\.", r"^t_embedder\.", r"^cfg_embedder\.", r"^t_block\.", r"^y_embedder\.",
-                    r"^final_layer\.", r"depth_conv", r"norm", r"scale_shift_table"),
-        keep_f32=(r"scale_shift_table",),
-        markers=("mlp.inverted_conv.conv.weight", "ff.conv_inverted.weight"),
-    ),
-    "wan": GGUFFamily(
-        "wan", "wan",
-        keep_float=(r"^patch_embedding\.", r"^vace_patch_embedding\.", r"^text_embedding\.", r"^time_embedding\.",
-                    r"^time_projection\.", r"^img_emb\.", r"^head\.", r"modulation", r"norm"),
-        keep_f32=(r"modulation",),
-        markers=("head.modulation", "condition_embedder.time_proj.weight", "blocks.0.self_attn.q.weight"),
-    ),
-    "videocrafter": GGUFFamily(
-        # Only the UNet's layers get block types; the VAE, text and image encoders of a release
-        # checkpoint stay float under their own prefixes.
-        "videocrafter", "videocrafter",
-        # A bare UNet (no prefix: city96's layout, or a UNet saved on its own) quantizes the same way.
-        keep_float=(r"^(first_stage_model|cond_stage_model|embedder|image_proj_model|model_ema)\.",
-                    r"time_embed\.",
-                    r"fps_embedding\.", r"emb_layers\.", r"norm", r"input_blocks\.0\.0\.",
-                    r"^(model\.)?(diffusion_model\.)?out\.", r"embeddings_table"),
-        markers=("input_blocks.0.0.weight",),
-    ),
-    "t5encoder": GGUFFamily(
-        "t5encoder", "t5encoder",
-        keep_float=(r"^shared\.", r"embed_tokens", r"relative_attention_bias", r"layer_norm"),
-        markers=("encoder.block.0.layer.0.SelfAttention.q.weight",),
-    ),
-    "gemma2": GGUFFamily(
-        "gemma2", "gemma2",
-        keep_float=(r"embed_tokens", r"norm"),
-        markers=("layers.0.self_attn.q_proj.weight",),
-    ),
+    **{f.gguf_architecture: _from_registry(f) for f in REGISTRY.values() if f.gguf_architecture},
     "generic": GGUFFamily("generic", "velox", keep_float=(r"norm", r"embed")),
 }
-AUTO_ORDER = ("sana", "wan", "videocrafter", "t5encoder", "gemma2")
+AUTO_ORDER = tuple(name for name in FAMILIES if name != "generic")
 
 
 def detect_family(names: list[str], path: str | Path | None = None) -> GGUFFamily:

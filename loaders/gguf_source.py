@@ -20,10 +20,10 @@ import torch
 from ..errors import VeloxLoadError
 from .checkpoint_files import (
     PICKLE_SUFFIXES,
-    _pickle_error,
-    _read_weight_map,
     load_weights_only_pickle,
+    pickle_error,
     read_safetensors_header,
+    read_weight_map,
     resolve_diffusers_component,
     unwrap_state_dict,
 )
@@ -69,7 +69,7 @@ def _open_files(path: Path, files: list[Path]) -> LazyCheckpoint:
     for file in files:
         name = file.name.lower()
         if name.endswith(".index.json"):
-            shards = sorted(set(_read_weight_map(file).values()))
+            shards = sorted(set(read_weight_map(file).values()))
             for shard in shards:
                 _add_safetensors(checkpoint, file.parent / shard)
         elif name.endswith(".safetensors"):
@@ -113,7 +113,7 @@ def _add_pickle(checkpoint: LazyCheckpoint, file: Path) -> None:
         checkpoint.notes.append(f"{file.name} is an old (non-zip) pickle: read whole into memory")
         obj = load_weights_only_pickle(file)
     except pickle.UnpicklingError as error:
-        raise _pickle_error(file, str(error)) from None
+        raise pickle_error(file, str(error)) from None
     except (EOFError, OSError) as error:
         raise VeloxLoadError(file, f"truncated or corrupt checkpoint ({str(error)[:200]})",
                              "a complete torch checkpoint") from None

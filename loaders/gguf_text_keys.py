@@ -19,6 +19,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from .families import FAMILIES
+
 T5_TO_HF: tuple[tuple[str, str], ...] = (
     (r"^token_embd\.weight$", "shared.weight"),
     (r"^enc\.output_norm\.weight$", "encoder.final_layer_norm.weight"),
@@ -55,8 +57,8 @@ GEMMA2_TO_HF: tuple[tuple[str, str], ...] = (
 KEY_TABLES: dict[str, tuple[tuple[str, str], ...]] = {"umt5": T5_TO_HF, "gemma2": GEMMA2_TO_HF}
 # What to add to a mapped tensor's values, by family and HF-name pattern.
 NORM_OFFSETS: dict[str, tuple[tuple[str, float], ...]] = {"gemma2": ((r"norm\.weight$", -1.0),)}
-# A name that only the llama.cpp layout of the family has.
-LLAMA_CPP_MARKERS = {"umt5": "enc.blk.0.attn_q.weight", "gemma2": "blk.0.post_ffw_norm.weight"}
+# A name that only the llama.cpp layout of the family has (the registry's ``llama_cpp_marker``).
+LLAMA_CPP_MARKERS = {f.name: f.llama_cpp_marker for f in FAMILIES.values() if f.llama_cpp_marker}
 
 
 def gguf_to_hf_name(name: str, family: str) -> str | None:

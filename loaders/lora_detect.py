@@ -11,27 +11,13 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 
+from .families import FAMILIES
 from .lora_keys import MODULE_PREFIXES, is_text_encoder_key, split_lora_key
 
-FAMILY_RULES: dict[str, tuple[str, ...]] = {
-    "wan": (
-        r"(^|_)self_attn_[qkvo]$", r"(^|_)cross_attn_([qkvo]|k_img|v_img)$", r"^(vace_)?blocks_\d+_ffn_",
-        r"^(vace_)?blocks_\d+_attn[12]_(to_|add_|norm_)", r"^(time_projection|text_embedding|time_embedding|head_head)",
-        r"^condition_embedder_", r"^(vace_blocks|vace_patch_embedding|img_emb)",
-    ),
-    "sana": (
-        r"(^|_)attn_(qkv|proj)$", r"(^|_)cross_attn_(q_linear|kv_linear|proj)$",
-        r"(^|_)mlp_(inverted_conv|depth_conv|point_conv)", r"^transformer_blocks_\d+_(attn[12]_|ff_conv_)",
-        r"^(t_block|y_embedder|x_embedder|t_embedder|cfg_embedder|final_layer|attention_y_norm)",
-        r"^(caption_projection|time_embed_(emb|linear|timestep|guidance)|adaln_single|patch_embed)",
-    ),
-    "videocrafter": (
-        r"^(input_blocks|output_blocks|middle_block|out_[02])_", r"temopral_conv",
-        r"^(fps_embedding|framestride_embed|image_proj_model|time_embed_[02])",
-    ),
-}
+# family -> module-name rules (the registry's ``lora_rules``)
+FAMILY_RULES: dict[str, tuple[str, ...]] = {f.name: f.lora_rules for f in FAMILIES.values() if f.lora_rules}
 _COMPILED = {family: re.compile("|".join(rules)) for family, rules in FAMILY_RULES.items()}
-FAMILY_NAMES = {"wan": "Wan", "sana": "Sana", "videocrafter": "VideoCrafter / DynamiCrafter"}
+FAMILY_NAMES = {name: FAMILIES[name].display_name for name in FAMILY_RULES}
 
 
 def _plain_module(module: str) -> str:

@@ -149,7 +149,6 @@ def underscored(name: str) -> str:
 # ----------------------------------------------------------------------------------------------
 
 _SANA_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
-_WAN_BLOCK = re.compile(r"^((?:vace_)?blocks\.\d+)\.(.+)$")
 
 
 def _wan_diffusers_names(module: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, int, int] | None]]:

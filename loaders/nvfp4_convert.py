@@ -31,13 +31,14 @@ import torch
 
 from ..errors import VeloxLoadError
 from ..kernels import nvfp4_torch
+from .families import FAMILIES
 from .gguf_convert import choose_family, describe_variant, float_reason, refuse_quantized_source, stays_f32
 from .gguf_families import GGUFFamily, make_canonicalizer, select_source_keys, source_groups
 from .gguf_source import LazyCheckpoint, open_checkpoint
 from .safetensors_writer import SafetensorsPlan, write_safetensors
 
 NVFP4 = "nvfp4"
-NVFP4_FAMILIES = ("sana", "wan")
+NVFP4_FAMILIES = tuple(f.gguf_architecture for f in FAMILIES.values() if f.nvfp4)
 COMFY_QUANT = json.dumps({"format": NVFP4}).encode("utf-8")  # what core's MixedPrecisionOps.state_dict writes
 LOSSLESS = {torch.float64: torch.float32}  # safetensors holds every other float dtype as read
 

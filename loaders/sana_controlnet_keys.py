@@ -25,18 +25,12 @@ import torch
 from ..errors import VeloxLoadError
 from ..models.sana import SanaConfig
 from .checkpoint_files import unwrap_state_dict
-from .sana_detect import (
-    CROSS_HEADS_BY_WIDTH,
-    FALLBACK_CROSS_HEAD_DIM,
-    FOREIGN_FAMILIES,
-    SANA_MARKERS,
-    _mlp_ratio,
-    _pe_from_buffer,
-)
+from .families import SANA, SANA_CONTROLNET, identify, refusal
+from .sana_detect import CROSS_HEADS_BY_WIDTH, FALLBACK_CROSS_HEAD_DIM, mlp_ratio_from_widths, pe_from_buffer
 from .sana_keys import canonicalize_sana_state_dict, strip_sana_prefix
 
-DIFFUSERS_CLASS = "SanaControlNetModel"
-OFFICIAL_MARKER = "controlnet.0.before_proj.weight"
+DIFFUSERS_CLASS = SANA_CONTROLNET.diffusers_class
+OFFICIAL_MARKER = SANA_CONTROLNET.markers[0]
 DIFFUSERS_MARKER = "input_block.weight"
 EXPECTED = (
     "a Sana ControlNet: the official Sana_*_ControlNet_HED checkpoint (controlnet.0.before_proj.weight, "
@@ -79,16 +73,14 @@ def sniff_sana_controlnet(
 def check_is_sana_controlnet(state_dict: Mapping[str, torch.Tensor], path: str | Path | None = None) -> None:
     """Raise VeloxLoadError naming what the checkpoint looks like when it is not a Sana ControlNet."""
     keys = list(state_dict)
-    if OFFICIAL_MARKER in state_dict or (DIFFUSERS_MARKER in state_dict and any(k.endswith(SANA_MARKERS)
-                                                                                for k in keys)):
+    if OFFICIAL_MARKER in state_dict or (DIFFUSERS_MARKER in state_dict and SANA.marks(keys)):
         return
-    looks_like = next((what for fragment, what in FOREIGN_CONTROLNETS + FOREIGN_FAMILIES
-                       if any(fragment in k for k in keys)), None)
-    if looks_like is None and any(k.endswith(SANA_MARKERS) for k in keys):
-        looks_like = "a Sana transformer without ControlNet blocks (load it with 'Load Sana Model (Velox)')"
-    if looks_like is None:
-        looks_like = f"an unknown model (first keys: {', '.join(keys[:4]) or 'none'})"
-    raise VeloxLoadError(path, f"looks like {looks_like}, not a Sana ControlNet", EXPECTED)
+    found = identify(keys, exclude=(SANA.name, SANA_CONTROLNET.name), first=FOREIGN_CONTROLNETS)
+    if found is None and SANA.marks(keys):
+        found = ("a Sana transformer without ControlNet blocks", SANA)
+    if found is None:
+        found = (f"an unknown model (first keys: {', '.join(keys[:4]) or 'none'})", None)
+    raise VeloxLoadError(path, refusal(*found, SANA_CONTROLNET), EXPECTED)
 
 
 def canonicalize_sana_controlnet(
@@ -151,10 +143,10 @@ def detect_sana_controlnet_config(
         in_channels=patch_weight.shape[1],
         out_channels=patch_weight.shape[1],
         caption_channels=state_dict["y_embedder.y_proj.fc1.weight"].shape[1],
-        mlp_ratio=_mlp_ratio(inner, hidden),
+        mlp_ratio=mlp_ratio_from_widths(inner, hidden),
         patch_size=patch,
         qk_norm="controlnet.0.copied_block.attn.q_norm.weight" in state_dict,
-        **_pe_from_buffer(pos_embed, patch),
+        **pe_from_buffer(pos_embed, patch),
     )
 
 

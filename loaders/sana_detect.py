@@ -21,26 +21,18 @@ import torch
 from ..errors import VeloxLoadError
 from ..models.sana import SANA_PRESETS, SanaConfig
 from .checkpoint_files import read_component, unwrap_state_dict
+from .families import SANA, foreign_signs, refuse_foreign
 from .sana_keys import canonicalize_sana_state_dict, strip_sana_prefix
 
-DIFFUSERS_CLASS = "SanaTransformer2DModel"
-SANA_MARKERS = ("mlp.inverted_conv.conv.weight", "ff.conv_inverted.weight")
+DIFFUSERS_CLASS = SANA.diffusers_class
+SANA_MARKERS = SANA.markers
+# (a key fragment, what a file holding it is) of everything that is not Sana, for loaders of
+# Sana-like families (the registry's signs of the other families, then of other models)
+FOREIGN_FAMILIES = foreign_signs(SANA.name)
 SANA_EXPECTED = (
     "a Sana transformer: official keys such as x_embedder.proj.weight, blocks.0.attn.qkv.weight, "
     "blocks.0.mlp.inverted_conv.conv.weight, or diffusers keys such as patch_embed.proj.weight, "
     "transformer_blocks.0.attn1.to_q.weight, transformer_blocks.0.ff.conv_inverted.weight"
-)
-# (a key fragment, what a checkpoint holding it is), checked in order
-FOREIGN_FAMILIES = (
-    ("patch_embedding.weight", "a Wan transformer"),
-    ("self_attn.q.weight", "a Wan transformer"),
-    ("input_blocks.", "a UNet (Stable Diffusion / VideoCrafter / DynamiCrafter)"),
-    ("double_blocks.", "a Flux-style transformer"),
-    ("joint_blocks.", "an SD3 MMDiT"),
-    ("embed_tokens.weight", "a language model (text encoder)"),
-    ("encoder.down_blocks.", "a VAE"),
-    ("encoder.stages.", "a DC-AE autoencoder"),
-    ("transformer_blocks.0.ff.net.", "a diffusers transformer of another family (PixArt-like)"),
 )
 CROSS_HEADS_BY_WIDTH = {1152: 16, 2240: 20}  # widths of the releases; others get 32-channel heads
 FALLBACK_CROSS_HEAD_DIM = 32
@@ -89,13 +81,8 @@ def _sana_config_only(diffusers_config: Mapping | None) -> Mapping | None:
 
 def check_is_sana(state_dict: Mapping[str, torch.Tensor], path: str | Path | None = None) -> None:
     """Raise VeloxLoadError naming what the checkpoint looks like when it is not a Sana transformer."""
-    keys = list(state_dict)
-    if any(k.endswith(SANA_MARKERS) for k in keys):
-        return
-    looks_like = next((what for fragment, what in FOREIGN_FAMILIES if any(fragment in k for k in keys)), None)
-    if looks_like is None:
-        looks_like = f"an unknown model (first keys: {', '.join(keys[:4]) or 'none'})"
-    raise VeloxLoadError(path, f"looks like {looks_like}, not a Sana transformer", SANA_EXPECTED)
+    if not SANA.marks(state_dict):
+        refuse_foreign(state_dict, SANA, path, SANA_EXPECTED)
 
 
 def detect_sana_config(
@@ -119,12 +106,12 @@ def detect_sana_config(
         in_channels=in_channels,
         out_channels=state_dict["final_layer.linear.weight"].shape[0] // patch**2,
         caption_channels=state_dict["y_embedder.y_proj.fc1.weight"].shape[1],
-        mlp_ratio=_mlp_ratio(inner, hidden),
+        mlp_ratio=mlp_ratio_from_widths(inner, hidden),
         patch_size=patch,
         qk_norm="blocks.0.attn.q_norm.weight" in state_dict,
         guidance_embeds="cfg_embedder.mlp.0.weight" in state_dict,
         timestep_norm_scale=1000.0 if "cfg_embedder.mlp.0.weight" in state_dict else 1.0,
-        **_pe_from_buffer(pos_embed, patch),
+        **pe_from_buffer(pos_embed, patch),
     )
     return match_sana_preset(architecture)
 
@@ -181,7 +168,7 @@ def _reconcile(from_config: SanaConfig, from_shapes: SanaConfig, path) -> SanaCo
     return from_config
 
 
-def _pe_from_buffer(pos_embed: torch.Tensor | None, patch: int) -> dict:
+def pe_from_buffer(pos_embed: torch.Tensor | None, patch: int) -> dict:
     """use_pe / sample_size / pe_interpolation from the official [1, N, C] ``pos_embed`` buffer.
 
     Every official checkpoint has that buffer; it stays all zeros when ``use_pe`` is off (512/1K),
@@ -209,7 +196,7 @@ def _interpolation(pos_embed: torch.Tensor, side: int) -> float:
     return round(1.0 / angle, 4) if angle > 0 else INTERPOLATION_BY_PE_SIZE.get(side, 1.0)
 
 
-def _mlp_ratio(inner: int, hidden: int) -> float:
+def mlp_ratio_from_widths(inner: int, hidden: int) -> float:
     """A ratio with int(hidden * ratio) == inner, as the model computes its FFN width."""
     ratio = inner / hidden
     return ratio if int(hidden * ratio) == inner else (inner + 0.5) / hidden

@@ -31,6 +31,7 @@ from ..errors import VeloxLoadError
 from ..models.resampler import ResamplerConfig
 from ..models.unet3d import INIT_ATTN_HEADS, UNet3DConfig
 from ..sampling.videocrafter_ddim import VideoDiffusionSchedule
+from .families import VIDEOCRAFTER, identify, refusal
 
 PREFIXES = {  # component -> key prefix in a release checkpoint
     "unet": "model.diffusion_model.",
@@ -39,21 +40,10 @@ PREFIXES = {  # component -> key prefix in a release checkpoint
     "vision": "embedder.",
     "image_proj": "image_proj_model.",
 }
-UNET_MARKER = "input_blocks.0.0.weight"
+UNET_MARKER = VIDEOCRAFTER.markers[0]
 RESAMPLER_HEAD_DIM = 64  # not in the weights (heads x dim_head = to_q width); 12 x 64 in every release
 EXPECTED = ("a VideoCrafter 1/2 or DynamiCrafter checkpoint (model.ckpt or .safetensors with "
             "model.diffusion_model.input_blocks.*, first_stage_model.*, cond_stage_model.* keys)")
-FOREIGN_FAMILIES = (  # (key fragment, what the file is), checked in order
-    ("mlp.inverted_conv.conv.weight", "a Sana transformer (use the Velox Sana loader)"),
-    ("ff.conv_inverted.weight", "a Sana transformer in diffusers layout (use the Velox Sana loader)"),
-    ("head.modulation", "a Wan transformer (use the Velox Wan loader)"),
-    ("blocks.0.self_attn.q.weight", "a Wan transformer (use the Velox Wan loader)"),
-    ("condition_embedder.time_proj.weight", "a Wan transformer in diffusers layout (use the Velox Wan loader)"),
-    ("decoder.middle.0.residual.0.gamma", "a Wan VAE"),
-    ("double_blocks.", "a Flux-style transformer"),
-    ("joint_blocks.", "an SD3 MMDiT"),
-    ("down_blocks.0.resnets.", "a diffusers UNet or VAE"),
-)
 
 
 @dataclass(frozen=True)
@@ -141,11 +131,18 @@ def split_components(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[s
 
 def refuse_foreign(state_dict: Mapping[str, torch.Tensor], path: str | Path | None) -> None:
     keys = list(state_dict)
-    for fragment, family in FOREIGN_FAMILIES:
-        if any(fragment in k for k in keys):
-            raise VeloxLoadError(path, f"this is {family}, not a VideoCrafter / DynamiCrafter checkpoint", EXPECTED)
+    found = identify(keys, exclude=(VIDEOCRAFTER.name,))
+    if found is not None:
+        raise VeloxLoadError(path, refusal(*found, VIDEOCRAFTER), EXPECTED)
     raise VeloxLoadError(path, f"no 3D UNet found (no key ending in {UNET_MARKER}; first keys: {keys[:3]})",
                          EXPECTED)
+
+
+def sniff_videocrafter(raw_state_dict: Mapping[str, torch.Tensor], path: str | Path | None = None,
+                       variant: str = "auto") -> tuple[VideoCrafterVariant, dict[str, dict[str, torch.Tensor]]]:
+    """A release checkpoint or a bare UNet -> (variant, {component: state dict without its prefix})."""
+    components = split_components(raw_state_dict)
+    return detect_variant(components, path, variant), components
 
 
 def unet_config_from_keys(unet: Mapping[str, torch.Tensor], path=None, num_head_channels: int = 64) -> UNet3DConfig:

@@ -16,28 +16,13 @@ import torch
 
 from ..errors import VeloxLoadError
 from .checkpoint_files import unwrap_state_dict
+from .families import WAN, refuse_foreign
 from .wan_keys import canonicalize_wan_state_dict, strip_wan_prefix
 
-WAN_MARKERS = ("head.modulation", "condition_embedder.time_proj.weight", "vace_patch_embedding.weight",
-               "vace_blocks.0.after_proj.weight", "vace_blocks.0.proj_out.weight")
 WAN_EXPECTED = (
     "a Wan transformer: official / ComfyUI keys such as patch_embedding.weight, head.modulation, "
     "blocks.0.self_attn.q.weight, or diffusers keys such as condition_embedder.time_proj.weight, "
     "blocks.0.attn1.to_q.weight"
-)
-# (a key fragment, what a checkpoint holding it is), checked in order
-FOREIGN_FAMILIES = (
-    ("mlp.inverted_conv.conv.weight", "a Sana transformer"),
-    ("ff.conv_inverted.weight", "a Sana transformer (diffusers)"),
-    ("input_blocks.", "a UNet (Stable Diffusion / VideoCrafter / DynamiCrafter)"),
-    ("down_blocks.0.resnets.", "a diffusers UNet or VAE (Stable Diffusion family)"),
-    ("double_blocks.", "a Flux-style transformer"),
-    ("joint_blocks.", "an SD3 MMDiT"),
-    ("decoder.middle.0.residual.0.gamma", "a Wan VAE (load it with the Wan VAE loader)"),
-    ("decoder.mid_block.resnets.0.norm1.gamma", "a Wan VAE in diffusers layout (load it with the Wan VAE loader)"),
-    ("encoder.block.0.layer.0.SelfAttention", "a T5 / umT5 text encoder"),
-    ("embed_tokens.weight", "a language model (text encoder)"),
-    ("encoder.stages.", "a DC-AE autoencoder"),
 )
 # config.json's head count: diffusers (WanTransformer3DModel), official (WanModel)
 CONFIG_HEAD_KEYS = ("num_attention_heads", "num_heads")
@@ -79,13 +64,8 @@ def sniff_wan(
 
 def check_is_wan(state_dict: Mapping[str, torch.Tensor], path: str | Path | None = None) -> None:
     """Raise VeloxLoadError naming what the checkpoint looks like when it is not a Wan transformer."""
-    keys = list(state_dict)
-    if any(marker in state_dict for marker in WAN_MARKERS):
-        return
-    looks_like = next((what for fragment, what in FOREIGN_FAMILIES if any(fragment in k for k in keys)), None)
-    if looks_like is None:
-        looks_like = f"an unknown model (first keys: {', '.join(keys[:4]) or 'none'})"
-    raise VeloxLoadError(path, f"looks like {looks_like}, not a Wan transformer", WAN_EXPECTED)
+    if not WAN.marks(state_dict):
+        refuse_foreign(state_dict, WAN, path, WAN_EXPECTED)
 
 
 def detect_wan_variant(state_dict: Mapping[str, torch.Tensor], path: str | Path | None = None) -> WanVariant:

@@ -66,7 +66,6 @@ BLOCK_RENAMES: dict[str, str] = {
 
 # keys only a diffusers file has / only an official (or ComfyUI) file has
 DIFFUSERS_MARKERS = ("condition_embedder.time_proj.weight", "blocks.0.attn1.to_q.weight")
-OFFICIAL_MARKERS = ("head.modulation", "blocks.0.self_attn.q.weight", "time_projection.1.weight")
 _BLOCK_KEY = re.compile(r"^((?:vace_)?blocks\.\d+)\.(.+)$")
 
 

@@ -19,7 +19,6 @@ from ..errors import VeloxLoadError
 
 DIFFUSERS_VAE_MARKER = "decoder.conv_in.weight"
 OFFICIAL_VAE_MARKER = "decoder.middle.0.residual.0.gamma"
-WAN22_VAE_MARKER = "decoder.upsamples.0.upsamples.0.residual.2.weight"
 
 # exact diffusers module paths -> official ones
 MODULE_RENAMES: dict[str, str] = {

@@ -16,7 +16,6 @@ import torch
 
 TRAIN_TIMESTEPS = 1000
 T2V_BOUNDARY = 0.875
-I2V_BOUNDARY = 0.900
 
 
 def _official_sigma_range(train_timesteps: int = TRAIN_TIMESTEPS) -> tuple[float, float]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-GIB = 1024 ** 3
 BOTH_RESIDENT, ONE_AT_A_TIME, STREAMED = "both_resident", "one_at_a_time", "streamed"
 HIGH, LOW = "high", "low"
 

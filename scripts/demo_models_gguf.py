@@ -22,20 +22,15 @@ from gguf import GGMLQuantizationType as Q
 
 SANA_GGUF_FILE = "diffusion_models/Sana_1600M_1024px_BF16-Q8_0.gguf"
 WAN21_VACE_GGUF_FILE = "diffusion_models/Wan2.1_14B_VACE-Q4_K_M.gguf"
-# city96's per-architecture never-quantize lists (lcpp.patch), plus Sana's embedders and head
-KEEP_HIGH_PRECISION = {
-    "wan": (r"modulation", r"patch_embedding", r"text_embedding\.", r"time_projection\.", r"time_embedding\.",
-            r"img_emb\.", r"^head\."),
-    "sana": (r"^x_embedder\.", r"^t_embedder\.", r"^t_block\.", r"^y_embedder\.", r"^final_layer\.",
-             r"^cfg_embedder\.", r"depth_conv", r"norm"),
-}
 GGML_MAX_DIMS = 4
 Q4_K_M_BUMPS = (r"\.v\.", r"\.ffn\.2\.", r"attn_v", r"\.to_v\.")  # -> Q6_K
 
 
 def type_for(family: str, base: Q) -> Callable[[str, torch.Tensor], Q]:
     """The GGML type a tensor gets in a ``base`` file of ``family`` (city96's rules, simplified)."""
-    keep = re.compile("|".join(KEEP_HIGH_PRECISION[family]))
+    from velox.loaders.families import FAMILIES
+
+    keep = re.compile("|".join(FAMILIES[family].keep_float))  # the registry's never-quantize patterns
     bump = re.compile("|".join(Q4_K_M_BUMPS))
 
     def choose(name: str, tensor: torch.Tensor) -> Q:
@@ -47,6 +42,12 @@ def type_for(family: str, base: Q) -> Callable[[str, torch.Tensor], Q]:
         return qtype
 
     return choose
+
+
+def gguf_architecture(family: str) -> str:
+    from velox.loaders.families import FAMILIES
+
+    return FAMILIES[family].gguf_architecture
 
 
 def _quantizer(qtype: Q):
@@ -114,7 +115,7 @@ def write_sana_gguf(models: Path) -> None:
     # Mix-FFN 1x1 convs as the 2-D matrices they are, so their rows can be Q8_0 blocks
     weights = {k: v.flatten(1) if k.endswith(("inverted_conv.conv.weight", "point_conv.conv.weight")) else v
                for k, v in weights.items()}
-    write_gguf_state_dict(models / SANA_GGUF_FILE, weights, type_for("sana", Q.Q8_0), "sana")
+    write_gguf_state_dict(models / SANA_GGUF_FILE, weights, type_for("sana", Q.Q8_0), gguf_architecture("sana"))
 
 
 def write_wan21_vace_gguf(models: Path) -> None:
@@ -126,7 +127,7 @@ def write_wan21_vace_gguf(models: Path) -> None:
     config = dataclasses.replace(TINY_WAN_CONFIGS["vace"], text_dim=TINY_UMT5["d_model"])
     base = Q.Q4_K if _can_quantize(Q.Q4_K) else Q.Q4_0
     write_gguf_state_dict(models / WAN21_VACE_GGUF_FILE, tiny_wan_state_dict(config, seed=3),
-                          type_for("wan", base), "wan")
+                          type_for("wan", base), gguf_architecture("wan"))
 
 
 WRITERS = {"sana gguf": write_sana_gguf, "wan 2.1 vace gguf": write_wan21_vace_gguf}

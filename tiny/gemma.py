@@ -57,7 +57,7 @@ _TINY_GEMMA_CONFIG = {
     "torch_dtype": "float32",
 }
 
-_PROMPTS = (
+PROMPTS = (
     "a small fluffy white cat curled up sleeping on a warm sunny windowsill",
     "A bustling city street at dusk, glowing street lamps and a double-decker bus",
     "an astronaut riding a horse on mars, cinematic lighting, 35mm photo",
@@ -89,7 +89,7 @@ _PROMPTS = (
 def _corpus() -> list[str]:
     from ..loaders.sana_text import SANA_COMPLEX_HUMAN_INSTRUCTION  # the text Sana prepends
 
-    return list(SANA_COMPLEX_HUMAN_INSTRUCTION) + list(_PROMPTS) + [p.lower() for p in _PROMPTS]
+    return list(SANA_COMPLEX_HUMAN_INSTRUCTION) + list(PROMPTS) + [p.lower() for p in PROMPTS]
 
 
 def train_tiny_gemma_tokenizer() -> bytes:

@@ -54,7 +54,7 @@ def tiny_sana_state_dict(config: SanaConfig, seed: int = 0) -> dict[str, torch.T
     generator = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in SanaTransformer.from_config(config).state_dict().items()}
-    state_dict = {key: _random_tensor(key, shapes[key], generator) for key in sorted(shapes)}
+    state_dict = {key: random_sana_tensor(key, shapes[key], generator) for key in sorted(shapes)}
     for key in ("inverted_conv", "point_conv"):  # official 1x1 convs are 4-D
         for name in [k for k in state_dict if f"mlp.{key}.conv.weight" in k]:
             state_dict[name] = state_dict[name][:, :, None, None].contiguous()
@@ -62,7 +62,7 @@ def tiny_sana_state_dict(config: SanaConfig, seed: int = 0) -> dict[str, torch.T
     return state_dict
 
 
-def _random_tensor(key: str, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+def random_sana_tensor(key: str, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
     values = torch.randn(shape, generator=generator)
     if key.endswith("norm.weight"):
         return 1.0 + 0.1 * values

@@ -17,7 +17,7 @@ import torch
 from ..loaders.sana_controlnet_keys import official_controlnet_to_diffusers
 from ..models.sana import SanaConfig
 from ..models.sana_controlnet import SanaControlNet
-from .sana import _random_tensor, tiny_sana_state_dict, write_official_pth, write_safetensors
+from .sana import random_sana_tensor, tiny_sana_state_dict, write_official_pth, write_safetensors
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -32,7 +32,7 @@ def tiny_sana_controlnet_state_dict(config: SanaConfig, copied_blocks: int = 2, 
     base = tiny_sana_state_dict(config, seed=seed + 1000) if with_base else {}
     state_dict = {**base}
     for key in sorted(shapes):
-        state_dict[key] = _random_tensor(key, shapes[key], generator)
+        state_dict[key] = random_sana_tensor(key, shapes[key], generator)
         if key.endswith(("mlp.inverted_conv.conv.weight", "mlp.point_conv.conv.weight")):
             state_dict[key] = state_dict[key][:, :, None, None].contiguous()  # official 1x1 convs are 4-D
     return state_dict

@@ -314,10 +314,10 @@ def train_tiny_umt5_tokenizer() -> bytes:
 
     import sentencepiece as spm
 
-    from .gemma import _PROMPTS
+    from .gemma import PROMPTS
 
     model = io.BytesIO()
-    corpus = list(_PROMPTS) + [p.lower() for p in _PROMPTS] + list(CHINESE_PROMPTS)
+    corpus = list(PROMPTS) + [p.lower() for p in PROMPTS] + list(CHINESE_PROMPTS)
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus), model_writer=model,
         model_type="unigram", vocab_size=TINY_UMT5_VOCAB, hard_vocab_limit=False, character_coverage=1.0,
