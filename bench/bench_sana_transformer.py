@@ -4,7 +4,7 @@ Both models hold the same random bf16 weights (diffusers' init, mapped onto ours
 key map). Modes: ``eager``; ``compile`` (torch.compile, default mode, what the loader's
 ``compile`` option does); ``reduce-overhead`` (CUDA graphs).
 
-    python bench/bench_sana_transformer.py --res 1024 4096 --modes eager compile
+    python bench/bench_sana_transformer.py --res 1024 4096 --modes eager compile [--ours fp8_lowp]
 """
 
 from __future__ import annotations
@@ -23,7 +23,12 @@ SANA_1600M_DIFFUSERS = dict(
 )
 
 
-def build_models(dtype: torch.dtype):
+QUANTIZATIONS = {"bf16": ("none", "dequant"), "fp8_lowp": ("fp8_e4m3", "lowp"), "int8_lowp": ("int8", "lowp")}
+
+
+def build_models(dtype: torch.dtype, quantization: str = "bf16"):
+    """diffusers' model and ours on the same weights; ``quantization`` other than bf16 builds ours on
+    Velox's quantized Linears (weights quantized at load, as the loader's ``quantization`` input does)."""
     from diffusers import SanaTransformer2DModel
 
     from velox.loaders.sana_keys import canonicalize_sana_state_dict
@@ -31,8 +36,16 @@ def build_models(dtype: torch.dtype):
 
     torch.manual_seed(0)
     reference = SanaTransformer2DModel(**SANA_1600M_DIFFUSERS).to("cuda", dtype).eval()
-    ours = SanaTransformer(**SANA_PRESETS["sana_1600m"].model_kwargs(), device="cuda", dtype=dtype).eval()
-    ours.load_state_dict(canonicalize_sana_state_dict(reference.state_dict()), strict=True)
+    operations = {}
+    if quantization != "bf16":
+        from velox.host.quant_loading import NEVER_QUANTIZE
+        from velox.host.quant_ops import make_quant_operations
+
+        operations["operations"] = make_quant_operations(*QUANTIZATIONS[quantization], NEVER_QUANTIZE["sana"])
+    ours = SanaTransformer(**SANA_PRESETS["sana_1600m"].model_kwargs(), device="cuda", dtype=dtype,
+                           **operations).eval()
+    missing, unexpected = ours.load_state_dict(canonicalize_sana_state_dict(reference.state_dict()), strict=False)
+    assert not missing and not unexpected, (missing[:4], unexpected[:4])
     return reference, ours
 
 
@@ -69,11 +82,17 @@ def main() -> None:
     parser.add_argument("--res", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--modes", nargs="+", default=["eager"])
     parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--ours", choices=list(QUANTIZATIONS), default="bf16",
+                        help="our weights: bf16, or quantized at load (FP8 / INT8 W8A8, issue #18)")
     args = parser.parse_args()
+    if args.ours != "bf16":
+        from common import boot_comfy
+
+        boot_comfy()  # the quantized Linears come from the host bridge
     register_pack()
     torch.backends.cuda.matmul.allow_tf32 = True
     dtype = torch.bfloat16
-    reference, ours = build_models(dtype)
+    reference, ours = build_models(dtype, args.ours)
     for mode in args.modes:
         ref_model, our_model = compiled(reference, mode), compiled(ours, mode)
         for resolution in args.res:
@@ -86,7 +105,7 @@ def main() -> None:
                 ref_s = cuda_time(run_ref, repeat=args.repeat)
                 ours_s = cuda_time(run_ours, repeat=args.repeat)
                 ref_gib, ours_gib = peak_gib(run_ref), peak_gib(run_ours)
-            emit({"bench": "sana_1600m_forward_b2", "mode": mode, "resolution": resolution,
+            emit({"bench": "sana_1600m_forward_b2", "mode": mode, "resolution": resolution, "ours": args.ours,
                   "diffusers_s": round(ref_s, 5), "velox_s": round(ours_s, 5), "ratio": round(ours_s / ref_s, 3),
                   "diffusers_peak_gib": round(ref_gib, 2), "velox_peak_gib": round(ours_gib, 2),
                   "bf16_rel_l2_vs_diffusers": round(error, 5), "first_call_s": round(first_call_s, 1),
