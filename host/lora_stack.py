@@ -33,6 +33,7 @@ import torch
 from comfy.patcher_extension import CallbacksMP
 
 from ..errors import VeloxLoadError
+from ..loaders.families import lora_fits
 from ..loaders.lora_detect import FAMILY_NAMES, keys_of_no_family, lora_family, model_family
 from ..loaders.lora_keys import (
     LORA_EXPECTED,
@@ -151,7 +152,7 @@ class ModelLoraContext:
 
 def check_family(lora: Mapping[str, torch.Tensor], context: ModelLoraContext, name: str) -> str | None:
     family = lora_family(lora.keys())
-    if family is not None and context.family is not None and family != context.family:
+    if family is not None and context.family is not None and not lora_fits(family, context.family):
         raise _wrong_family(name, family, context.family, "the model")
     return family
 

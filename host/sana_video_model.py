@@ -23,31 +23,24 @@ from pathlib import Path
 import comfy.conds
 import comfy.latent_formats
 import comfy.model_base
-import comfy.model_management
 import comfy.model_patcher
 import comfy.supported_models_base
-import comfy.utils
 import torch
 
-from ..errors import VeloxLoadError
-from ..loaders.checkpoint_files import read_component, unwrap_state_dict
-from ..loaders.sana_detect import FOREIGN_FAMILIES, SANA_MARKERS
-from ..loaders.sana_video_keys import (
-    DIFFUSERS_CLASS,
-    canonicalize_sana_video_state_dict,
-    config_from_diffusers,
-    detect_sana_video,
-    strip_sana_video_prefix,
-)
-from ..loaders.state_dict_fit import load_into
+from ..loaders.families import SANA_VIDEO
+from ..loaders.sana_video_keys import sniff_sana_video
 from ..models.sana_video import SanaVideoConfig, SanaVideoTransformer
-
-SANA_VIDEO_EXPECTED = (
-    "a SANA-Video transformer: official keys such as x_embedder.proj.weight (5-D), blocks.0.attn.qkv.weight, "
-    "blocks.0.mlp.t_conv.weight (SANA_Video_2B_480p.pth), or diffusers SanaVideoTransformer3DModel keys such "
-    "as patch_embedding.weight, transformer_blocks.0.attn1.to_q.weight, transformer_blocks.0.ff.conv_temp.weight"
+from .model_build import build_patcher, choose_inference_dtype, load_checked, model_devices
+from .quant_loading import (
+    densify_non_matrices,
+    detection_view,
+    has_quantized_layers,
+    is_gguf,
+    read_weights,
+    restore_packed,
+    squeeze_packed_1x1,
 )
-IMAGE_SANA = "an image Sana transformer (2-D patches, no temporal conv): load it with 'Load Sana Model'"
+
 # the VAE a variant was trained on -> ComfyUI latent format (LTX-2's own normalisation is not in core 0.3.75)
 LATENT_FORMATS = {"wan2.1": comfy.latent_formats.Wan21, "ltx2": comfy.latent_formats.LTXV}
 TIMESTEP_ROUNDINGS = ("floor", "exact")
@@ -105,14 +98,20 @@ class SanaVideoModel(comfy.model_base.BaseModel):
 # ----------------------------------------------------------------------------------------------
 
 
-def load_sana_video_model(path: str | Path, dtype: torch.dtype | None = None,
-                          timestep_rounding: str = "floor") -> comfy.model_patcher.ModelPatcher:
+def load_sana_video_model(path: str | Path, dtype: torch.dtype | None = None, timestep_rounding: str = "floor",
+                          quantization: str = "none", quant_compute: str = "dequant") -> comfy.model_patcher.ModelPatcher:
     """A SANA-Video transformer from a file (official .pth / safetensors, diffusers single file, ComfyUI
-    prefixed), a diffusers folder (whole pipeline or ``transformer/``, sharded too) or an HF cache
-    snapshot folder, as a ComfyUI MODEL."""
-    state_dict, config = read_component(path, "transformer")
-    return build_sana_video_model(state_dict, path=str(path), dtype=dtype, diffusers_config=config,
-                                  timestep_rounding=timestep_rounding)
+    prefixed, GGUF, scaled-fp8 / comfy_quant), a diffusers folder (whole pipeline or ``transformer/``,
+    sharded too) or an HF cache snapshot folder, as a ComfyUI MODEL.
+
+    quantization (none / fp8_e4m3 / int8 / nvfp4) and quant_compute (dequant / lowp): ``host/quant_ops.py``.
+    """
+    weights, config = read_weights(path, "transformer")
+    if config is None and is_gguf(path):
+        config = _gguf_diffusers_config(path)
+    return build_sana_video_model(weights, path=str(path), dtype=dtype, diffusers_config=config,
+                                  timestep_rounding=timestep_rounding, quantization=quantization,
+                                  quant_compute=quant_compute)
 
 
 def build_sana_video_model(
@@ -122,59 +121,56 @@ def build_sana_video_model(
     shift: float | None = None,
     diffusers_config: Mapping | None = None,
     timestep_rounding: str = "floor",
+    quantization: str = "none",
+    quant_compute: str = "dequant",
 ) -> comfy.model_patcher.ModelPatcher:
     """Detect, build and load a SANA-Video transformer from any layout; return a MODEL.
 
-    dtype None lets ComfyUI choose for the device; shift None takes the variant's (8).
+    dtype None lets ComfyUI choose for the device; shift None takes the variant's (8). Weights that
+    hold ``PackedWeight`` records (GGUF, scaled fp8, comfy_quant) or a ``quantization`` other than
+    "none" build on the registry's quantized operations (``host/model_build.build_patcher``).
     """
     if timestep_rounding not in TIMESTEP_ROUNDINGS:
         raise ValueError(f"timestep_rounding {timestep_rounding!r}: expected one of {TIMESTEP_ROUNDINGS}")
-    config, state_dict = sniff_sana_video(raw_state_dict, path, diffusers_config)
-    load_device = comfy.model_management.get_torch_device()
-    offload_device = comfy.model_management.unet_offload_device()
+    quantized = quantization != "none" or has_quantized_layers(raw_state_dict)
+    if quantized:
+        weights = densify_non_matrices(squeeze_packed_1x1(dict(raw_state_dict)))
+        view, lookup = detection_view(weights)
+        config, canonical = sniff_sana_video(view, path, diffusers_config)
+        state_dict = restore_packed(canonical, lookup, path)
+    else:
+        config, canonical = sniff_sana_video(raw_state_dict, path, diffusers_config)
+        state_dict = canonical
+    model_config = _model_config(config, shift, timestep_rounding)
+    what = f"the detected {config.describe()}"
+    if quantized:
+        return build_patcher(SANA_VIDEO, model_config, canonical, state_dict, path, what, dtype, quantization,
+                             quant_compute, label=config.describe())
+    return _build_float(model_config, state_dict, path, what, dtype, config)
+
+
+def _model_config(config: SanaVideoConfig, shift: float | None, timestep_rounding: str) -> SanaVideoModelConfig:
     model_config = SanaVideoModelConfig(config.model_kwargs())
     model_config.sampling_settings = {"shift": config.flow_shift if shift is None else shift, "multiplier": 1000}
     model_config.latent_format = LATENT_FORMATS.get(config.vae, comfy.latent_formats.Wan21)()
     model_config.timestep_rounding = timestep_rounding
-    if dtype is None:
-        dtype = comfy.model_management.unet_dtype(
-            model_params=comfy.utils.calculate_parameters(state_dict),
-            supported_dtypes=model_config.supported_inference_dtypes,
-            weight_dtype=comfy.utils.weight_dtype(state_dict),
-        )
-    manual_cast = comfy.model_management.unet_manual_cast(dtype, load_device, model_config.supported_inference_dtypes)
-    model_config.set_inference_dtype(dtype, manual_cast)
+    return model_config
+
+
+def _build_float(model_config: SanaVideoModelConfig, state_dict: dict, path: str | None, what: str,
+                 dtype: torch.dtype | None, config: SanaVideoConfig) -> comfy.model_patcher.ModelPatcher:
+    """Float weights on ComfyUI's own operations (what ``build_patcher`` does, without quantized ops)."""
+    load_device, offload_device = model_devices()
+    dtype = choose_inference_dtype(model_config, state_dict, dtype, load_device)
     model = model_config.get_model(state_dict, device=offload_device)
-    _load_strict(model.diffusion_model, state_dict, path, config)
+    load_checked(model.diffusion_model, state_dict, path, what)
     logging.info("Velox: %s loaded from %s (%s)", config.describe(), path or "state dict", dtype)
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
 
-def sniff_sana_video(raw_state_dict: Mapping[str, torch.Tensor], path: str | Path | None = None,
-                     diffusers_config: Mapping | None = None) -> tuple[SanaVideoConfig, dict[str, torch.Tensor]]:
-    """Any SANA-Video layout -> (config, state dict under official names); anything else -> a
-    VeloxLoadError saying what the file looks like."""
-    raw = strip_sana_video_prefix(unwrap_state_dict(raw_state_dict, path))
-    detected = detect_sana_video(raw)
-    if detected is None:
-        raise VeloxLoadError(path, f"looks like {_looks_like(raw)}, not a SANA-Video transformer", SANA_VIDEO_EXPECTED)
-    if diffusers_config is not None and diffusers_config.get("_class_name") == DIFFUSERS_CLASS:
-        detected = config_from_diffusers(diffusers_config, detected)
-    return detected, canonicalize_sana_video_state_dict(raw, path)
+def _gguf_diffusers_config(path: str | Path) -> dict | None:
+    """The diffusers config.json our converter records in a GGUF of a diffusers folder, else None."""
+    from ..loaders.gguf_detect import diffusers_config_from_metadata
+    from ..loaders.gguf_reader import read_gguf
 
-
-def _looks_like(state_dict: Mapping[str, torch.Tensor]) -> str:
-    keys = list(state_dict)
-    if any(k.endswith(SANA_MARKERS) for k in keys):
-        return IMAGE_SANA
-    found = next((what for fragment, what in FOREIGN_FAMILIES if any(fragment in k for k in keys)), None)
-    return found or f"an unknown model (first keys: {', '.join(keys[:4]) or 'none'})"
-
-
-def _load_strict(module: torch.nn.Module, state_dict: dict, path: str | None, config: SanaVideoConfig) -> None:
-    """Every parameter must come from the file: a partial model would sample noise silently."""
-    what = f"the detected {config.describe()}"
-    missing, unexpected = load_into(module, state_dict, path, what)
-    if missing or unexpected:
-        raise VeloxLoadError(path, f"weights do not fit {what} (missing {missing[:4]}, unexpected {unexpected[:4]})",
-                             "a complete SANA-Video transformer checkpoint")
+    return diffusers_config_from_metadata(read_gguf(path).metadata)

@@ -12,14 +12,17 @@ at the bottom of ``loaders/`` and the family modules may import it.
 To add a family: its own files (the model in ``models/``, key map and detector in ``loaders/``, the
 ComfyUI model config in ``host/``, tiny weights in ``tiny/``), then one ``Family(...)`` here in
 ``FAMILIES`` (markers, signs, noun, keep_float / keep_f32, shared_input, lora_rules, gguf_architecture,
-nvfp4, sniff / canonicalize / demo), its nodes in the node list and its presets in
-``sampling/presets.py``. Detection, refusals, GGUF detection and conversion, quantized loading,
-shared activations and LoRA detection pick the entry up; ``host/model_build.build_patcher`` builds it.
+nvfp4, sniff / canonicalize / demo; ``refines`` when its files also carry an older family's markers,
+``lora_names`` when its LoRAs come in diffusers names), its nodes in the node list and its presets
+in ``sampling/presets.py``. Detection, refusals, GGUF detection and conversion, quantized loading,
+shared activations, LoRA detection and key dialects, the loaders' folder lists and the demo models
+(``scripts/make_demo_models.py``) pick the entry up; ``host/model_build.build_patcher`` builds it.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -47,8 +50,14 @@ class Family:
     get a block type or a quantized storage; keep_f32: of those, the ones kept in F32; shared_input:
     sibling layers that quantize one input activation once (``host/shared_activation.py``);
     lora_rules: module-name rules of its LoRAs (``loaders/lora_detect.py``); nvfp4: the NVFP4
-    converter makes files for it; sniff / canonicalize / demo: ``"module:function"`` under the
-    package (raw state dict -> (detail, canonical state dict); raw -> canonical; models dir -> None).
+    converter makes files for it; gguf_block_groups: its canonicalizer fuses tensors of one block
+    (diffusers' to_q / to_k / to_v -> qkv), so the converters read a block at a time; refines: the
+    family whose markers its files also carry (SANA-Video's blocks hold Sana's Mix-FFN): detection
+    and refusals check it first, the refined family's ``marks`` is False on its files and a LoRA of
+    the refined family fits its models (``lora_fits``); sniff / canonicalize / demo / lora_names:
+    ``"module:function"`` under the package (raw state dict -> (detail, canonical state dict); raw ->
+    canonical; models dir -> None, writing its demo checkpoints; official module + weight shape ->
+    [(diffusers module, row range or None)], the LoRA spellings ``loaders/lora_keys.py`` accepts).
     """
 
     name: str
@@ -67,13 +76,20 @@ class Family:
     shared_input: tuple[str, ...] = ()
     lora_rules: tuple[str, ...] = ()
     nvfp4: bool = False
+    gguf_block_groups: bool = False
+    refines: str | None = None
     sniff: str | None = None
     canonicalize: str | None = None
     demo: str | None = None
+    lora_names: str | None = None
 
     def marks(self, keys: Iterable[str]) -> bool:
-        """Whether any key ends in one of the family's markers."""
-        return bool(self.markers) and any(key.endswith(self.markers) for key in keys)
+        """Whether any key ends in one of the family's markers, and no family that refines it marks
+        the keys too (a SANA-Video file is not a Sana one, though it carries Sana's markers)."""
+        keys = list(keys)
+        if not self.markers or not any(key.endswith(self.markers) for key in keys):
+            return False
+        return not any(f.refines == self.name and f.marks(keys) for f in FAMILIES.values())
 
     def keeps_float(self, name: str) -> bool:
         return self._keep_float is not None and self._keep_float.search(name) is not None
@@ -90,7 +106,7 @@ class Family:
         return _union(self.keep_f32)
 
     def function(self, field_name: str) -> Callable:
-        """The ``"module:function"`` of ``sniff``, ``canonicalize`` or ``demo``, imported."""
+        """The ``"module:function"`` of ``sniff``, ``canonicalize``, ``demo`` or ``lora_names``, imported."""
         reference = getattr(self, field_name)
         if reference is None:
             raise LookupError(f"the {self.display_name} family has no {field_name} function")
@@ -137,9 +153,9 @@ SANA = Family(
         r"^(caption_projection|time_embed_(emb|linear|timestep|guidance)|adaln_single|patch_embed)",
     ),
     nvfp4=True,
+    gguf_block_groups=True,
     sniff="loaders.sana_detect:sniff_sana",
     canonicalize="loaders.sana_keys:canonicalize_sana_state_dict",
-    demo="tiny.sana:tiny_sana_state_dict",
 )
 
 SANA_CONTROLNET = Family(
@@ -152,7 +168,6 @@ SANA_CONTROLNET = Family(
     loader_node="Load Sana ControlNet (Velox)",
     sniff="loaders.sana_controlnet_keys:sniff_sana_controlnet",
     canonicalize="loaders.sana_controlnet_keys:canonicalize_sana_controlnet",
-    demo="tiny.sana_controlnet:tiny_sana_controlnet_state_dict",
 )
 
 WAN = Family(
@@ -182,7 +197,6 @@ WAN = Family(
     nvfp4=True,
     sniff="loaders.wan_detect:sniff_wan",
     canonicalize="loaders.wan_keys:canonicalize_wan_state_dict",
-    demo="tiny.wan:tiny_wan_state_dict",
 )
 
 VIDEOCRAFTER = Family(
@@ -207,7 +221,32 @@ VIDEOCRAFTER = Family(
         r"^(fps_embedding|framestride_embed|image_proj_model|time_embed_[02])",
     ),
     sniff="loaders.videocrafter_detect:sniff_videocrafter",
-    demo="tiny.videocrafter:demo_release_state_dict",
+)
+
+SANA_VIDEO = Family(
+    name="sana_video",
+    display_name="SANA-Video",
+    noun="a SANA-Video transformer",
+    diffusers_class="SanaVideoTransformer3DModel",
+    refines="sana",  # its blocks carry Sana's Mix-FFN (mlp.inverted_conv / ff.conv_inverted) too
+    markers=("mlp.t_conv.weight", "ff.conv_temp.weight"),  # GLUMBConvTemp's temporal conv
+    signs=(("mlp.t_conv.weight", "a SANA-Video transformer"),
+           ("ff.conv_temp.weight", "a SANA-Video transformer in diffusers layout")),
+    loader_node="Load SANA-Video Model (Velox)",
+    gguf_architecture="sana_video",
+    # Sana's list (models/sana_video.py reuses its embedders, norms and final layer) and the temporal
+    # conv; the 3-D patch embedding is x_embedder.proj
+    keep_float=(r"^x_embedder\.", r"^t_embedder\.", r"^t_block\.", r"^y_embedder\.", r"^final_layer\.",
+                r"^logvar_linear", r"depth_conv", r"\.t_conv\b", r"norm", r"scale_shift_table"),
+    keep_f32=(r"scale_shift_table",),
+    # q/k/v are one fused Linear (attn.qkv) and the cross-attention's k/v one kv_linear, as in Sana:
+    # no sibling layers read one input
+    lora_rules=(*SANA.lora_rules, r"(^|_)mlp_t_conv", r"^(caption_norm|proj_out)$"),
+    gguf_block_groups=True,
+    sniff="loaders.sana_video_keys:sniff_sana_video",
+    canonicalize="loaders.sana_video_keys:canonicalize_sana_video_state_dict",
+    demo="tiny.sana_video:write_demo_models",
+    lora_names="loaders.sana_video_keys:lora_diffusers_names",
 )
 
 UMT5 = Family(
@@ -237,8 +276,10 @@ GEMMA2 = Family(
     keep_float=(r"embed_tokens", r"norm"),
 )
 
-# The order detection walks (first match wins) and messages list.
-FAMILIES: dict[str, Family] = {f.name: f for f in (SANA, WAN, VIDEOCRAFTER, SANA_CONTROLNET, UMT5, GEMMA2)}
+# The order detection walks (first match wins; a family that refines another is checked before
+# it) and messages list.
+FAMILIES: dict[str, Family] = {f.name: f for f in (SANA, WAN, VIDEOCRAFTER, SANA_VIDEO, SANA_CONTROLNET, UMT5,
+                                                   GEMMA2)}
 
 
 def family(name: str) -> Family:
@@ -269,9 +310,35 @@ def family_by_diffusers_class(class_name: str | None) -> Family | None:
     return next((f for f in FAMILIES.values() if class_name and f.diffusers_class == class_name), None)
 
 
+def diffusers_folder_family(folder: str | Path) -> Family | None:
+    """The family whose diffusers class a folder's ``transformer/config.json`` (else its own
+    ``config.json``) names; None when neither names a Velox family or cannot be read."""
+    folder = Path(folder)
+    for config in (folder / "transformer" / "config.json", folder / "config.json"):
+        if config.is_file():
+            try:
+                class_name = json.loads(config.read_text(encoding="utf-8")).get("_class_name")
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+                return None
+            return family_by_diffusers_class(class_name if isinstance(class_name, str) else None)
+    return None
+
+
+def lora_fits(lora_family: str, model_family: str) -> bool:
+    """Whether a LoRA detected as ``lora_family`` may patch a model of ``model_family``: the same
+    family, or one the model's family refines (module names alike: a Sana-named LoRA on SANA-Video;
+    shapes are still checked layer by layer)."""
+    return lora_family == model_family or FAMILIES[model_family].refines == lora_family
+
+
+def detection_order() -> tuple[Family, ...]:
+    """FAMILIES with every family that refines another first: its files carry the other's keys too."""
+    return tuple(sorted(FAMILIES.values(), key=lambda f: f.refines is None))
+
+
 def foreign_signs(exclude: str) -> tuple[tuple[str, str], ...]:
     """(key fragment, what the file is) of every family but ``exclude``, then of ``OTHER_MODELS``:
-    what a loader of ``exclude`` checks, in order, to name a file it refuses."""
+    in ``FAMILIES`` order (``identify`` checks the families that refine another first)."""
     own = tuple(sign for f in FAMILIES.values() if f.name != exclude for sign in f.signs)
     return own + OTHER_MODELS
 
@@ -282,7 +349,7 @@ def identify(keys: Iterable[str], exclude: Iterable[str] = (),
     ``first`` signs, then every family's but ``exclude``'s, then ``OTHER_MODELS``; None if unknown."""
     keys, exclude = list(keys), set(exclude)
     signs = [(fragment, what, None) for fragment, what in first]
-    signs += [(fragment, what, f) for f in FAMILIES.values() if f.name not in exclude for fragment, what in f.signs]
+    signs += [(fragment, what, f) for f in detection_order() if f.name not in exclude for fragment, what in f.signs]
     signs += [(fragment, what, None) for fragment, what in OTHER_MODELS]
     return next(((what, owner) for fragment, what, owner in signs if any(fragment in k for k in keys)), None)
 

@@ -34,6 +34,7 @@ from gguf import GGMLQuantizationType as Q
 from ..errors import VeloxLoadError
 from ..kernels.gguf_quantize_torch import quantize
 from ..kernels.gguf_types import block_layout
+from .families import family_by_architecture
 from .gguf_families import (
     FAMILIES,
     GGUFFamily,
@@ -288,6 +289,10 @@ def describe_variant(family: GGUFFamily, names: list[str], checkpoint: LazyCheck
         from .videocrafter_detect import detect_variant, split_components
 
         return detect_variant(split_components(meta), checkpoint.path).name, {}
+    registered = family_by_architecture(family.architecture)
+    if registered is not None and registered.kind == "diffusion" and registered.sniff is not None:
+        detail, _ = registered.function("sniff")(meta, checkpoint.path)
+        return getattr(detail, "name", family.name), {}
     return family.name, {}
 
 

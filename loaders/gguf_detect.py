@@ -70,6 +70,10 @@ def detect_gguf(contents: GGUFContents) -> GGUFDetection:
 
         variant = detect_variant(split_components(view), contents.path)
         return GGUFDetection("videocrafter", variant.name, variant)
+    registered = FAMILIES[family]
+    if registered.kind != "text_encoder" and registered.sniff is not None:  # the registry's own detector
+        detail, _ = registered.function("sniff")(view, contents.path)
+        return GGUFDetection(family, getattr(detail, "name", family), detail)
     return _text_encoder(family, names, view)
 
 

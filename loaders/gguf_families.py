@@ -24,9 +24,8 @@ import torch
 
 from ..errors import VeloxLoadError
 from .families import FAMILIES as REGISTRY
-from .families import Family
+from .families import Family, family_by_architecture, family_by_markers
 from .sana_keys import SANA_PREFIXES as COMFY_PREFIXES
-from .sana_keys import canonicalize_sana_state_dict
 from .wan_keys import diffusers_to_official_key, is_diffusers_wan, strip_wan_prefix
 
 Canonicalize = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
@@ -64,14 +63,14 @@ AUTO_ORDER = tuple(name for name in FAMILIES if name != "generic")
 
 
 def detect_family(names: list[str], path: str | Path | None = None) -> GGUFFamily:
-    """The family whose marker keys appear (checked in ``AUTO_ORDER``); VeloxLoadError otherwise."""
-    for name in AUTO_ORDER:
-        family = FAMILIES[name]
-        if any(key.endswith(family.markers) for key in names):
-            return family
+    """The family whose marker keys appear (the registry's ``marks``, checked in ``AUTO_ORDER``);
+    VeloxLoadError otherwise."""
+    found = family_by_markers(names, (family_by_architecture(name) for name in AUTO_ORDER))
+    if found is not None:
+        return FAMILIES[found.gguf_architecture]
+    known = [family_by_architecture(name).display_name for name in AUTO_ORDER]
     raise VeloxLoadError(path, f"matches no family Velox converts (first keys: {', '.join(names[:4])})",
-                         "a Sana, Wan, VideoCrafter/DynamiCrafter, umT5 or Gemma-2 checkpoint "
-                         "(or choose the generic family)")
+                         f"a {', '.join(known[:-1])} or {known[-1]} checkpoint (or choose the generic family)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,10 +80,16 @@ def detect_family(names: list[str], path: str | Path | None = None) -> GGUFFamil
 _SANA_BLOCK = re.compile(r"^(?:transformer_)?blocks\.(\d+)\.")
 
 
+def _registered(family: GGUFFamily) -> Family | None:
+    return family_by_architecture(family.architecture)
+
+
 def select_source_keys(family: GGUFFamily, names: list[str]) -> list[str]:
-    """The source keys the family converts: for Sana and Wan the ones under ComfyUI's prefix when
-    there are any (a bundled VAE / text encoder is left out), as their loaders choose; else all."""
-    if family.name in ("sana", "wan"):
+    """The source keys the family converts: for the families with a key map (Sana, Wan, ...) the ones
+    under ComfyUI's prefix when there are any (a bundled VAE / text encoder is left out), as their
+    loaders choose; else all."""
+    registered = _registered(family)
+    if registered is not None and registered.canonicalize is not None:
         for prefix in COMFY_PREFIXES:
             selected = [name for name in names if name.startswith(prefix)]
             if selected:
@@ -93,8 +98,10 @@ def select_source_keys(family: GGUFFamily, names: list[str]) -> list[str]:
 
 
 def source_groups(family: GGUFFamily, names: list[str]) -> list[list[str]]:
-    """Source keys in groups that canonicalize on their own, in a stable order."""
-    if family.name != "sana":
+    """Source keys in groups that canonicalize on their own, in a stable order: a block at a time for
+    the families whose key maps fuse a block's tensors (the registry's ``gguf_block_groups``)."""
+    registered = _registered(family)
+    if registered is None or not registered.gguf_block_groups:
         return [[name] for name in names]
     groups: dict[str, list[str]] = {}
     for name in names:
@@ -111,9 +118,8 @@ def _strip_comfy_prefix(name: str) -> str:
 
 
 def make_canonicalizer(family: GGUFFamily, names: list[str], path: str | Path | None = None) -> Canonicalize:
-    """A function from a group's source tensors to canonical ones, fixed for the whole key set."""
-    if family.name == "sana":
-        return lambda group: canonicalize_sana_state_dict(group, path)
+    """A function from a group's source tensors to canonical ones, fixed for the whole key set: Wan's
+    per-key map, else the registry's ``canonicalize`` of the family, else the names as they are."""
     if family.name == "wan":
         diffusers = is_diffusers_wan(strip_wan_prefix(dict.fromkeys(names)))
 
@@ -128,4 +134,8 @@ def make_canonicalizer(family: GGUFFamily, names: list[str], path: str | Path | 
                 out[official] = tensor
             return out
         return wan
+    registered = _registered(family)
+    if registered is not None and registered.canonicalize is not None:
+        canonicalize = registered.function("canonicalize")
+        return lambda group: canonicalize(group, path)
     return dict

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .lora_keys import DIFFUSERS_NAMES, underscored
+from .lora_keys import diffusers_names_of, underscored
 
 FORMATS = ("official", "kohya", "kohya_fun", "peft")
 
@@ -62,7 +62,7 @@ def _with_alpha(keys: tuple[str, str, str], factors: LowRankFactors) -> dict[str
 
 def _peft(module: str, factors: LowRankFactors, family: str) -> dict[str, torch.Tensor]:
     """diffusers names; peft stores no alpha, so alpha / rank is folded into ``lora_B``."""
-    names = DIFFUSERS_NAMES[family](module, tuple(factors.up.shape)) or [(module, None)]
+    names = diffusers_names_of(family)(module, tuple(factors.up.shape)) or [(module, None)]
     scaled_up = factors.up * (factors.alpha / factors.rank)
     out = {}
     for name, rows in names:

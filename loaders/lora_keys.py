@@ -29,6 +29,7 @@ import torch
 
 from ..errors import VeloxLoadError
 from .checkpoint_files import load_safetensors, read_safetensors_header
+from .families import FAMILIES
 
 LORA_EXPECTED = "a LoRA .safetensors file (kohya, diffusers/peft, official, LyCORIS LoHa/LoKr or diff format)"
 
@@ -181,6 +182,15 @@ def _no_diffusers_names(module: str, shape: tuple[int, ...]) -> list[tuple[str, 
 DIFFUSERS_NAMES = {"wan": _wan_diffusers_names, "sana": _sana_diffusers_names, "videocrafter": _no_diffusers_names}
 
 
+def diffusers_names_of(family: str | None):
+    """The family's official -> diffusers LoRA spellings: ``DIFFUSERS_NAMES``, else the registry's
+    ``lora_names`` hook, else none."""
+    if family in DIFFUSERS_NAMES:
+        return DIFFUSERS_NAMES[family]
+    registered = FAMILIES.get(family or "")
+    return registered.function("lora_names") if registered is not None and registered.lora_names else _no_diffusers_names
+
+
 def module_aliases(
     weight_shapes: Mapping[str, tuple[int, ...]], family: str | None, prefix: str = "diffusion_model."
 ) -> dict[str, LoraTarget]:
@@ -190,7 +200,7 @@ def module_aliases(
     ``diff`` patches of e.g. ``head.modulation``) under ``prefix``, with their shapes. Canonical
     names win over diffusers names when two collide.
     """
-    diffusers_names = DIFFUSERS_NAMES.get(family or "", _no_diffusers_names)
+    diffusers_names = diffusers_names_of(family)
     aliases: dict[str, LoraTarget] = {}
     canonical: dict[str, LoraTarget] = {}
     for key, shape in weight_shapes.items():

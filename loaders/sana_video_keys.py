@@ -26,9 +26,16 @@ import torch
 
 from ..errors import VeloxLoadError
 from ..models.sana_video import SANA_VIDEO_PRESETS, SanaVideoConfig
+from .checkpoint_files import unwrap_state_dict
+from .families import SANA_VIDEO, refuse_foreign
 
 SANA_VIDEO_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-DIFFUSERS_CLASS = "SanaVideoTransformer3DModel"
+DIFFUSERS_CLASS = SANA_VIDEO.diffusers_class
+SANA_VIDEO_EXPECTED = (
+    "a SANA-Video transformer: official keys such as x_embedder.proj.weight (5-D), blocks.0.attn.qkv.weight, "
+    "blocks.0.mlp.t_conv.weight (SANA_Video_2B_480p.pth), or diffusers SanaVideoTransformer3DModel keys such "
+    "as patch_embedding.weight, transformer_blocks.0.attn1.to_q.weight, transformer_blocks.0.ff.conv_temp.weight"
+)
 # Training-only tensors and buffers of the official release (the conversion script drops them).
 DROPPED_KEYS = frozenset({"pos_embed", "y_embedder.y_embedding"})
 DROPPED_PREFIXES = ("logvar_linear.",)
@@ -258,8 +265,50 @@ def diffusers_config(config: SanaVideoConfig) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
+# official module -> the diffusers spellings of a LoRA (the registry's ``lora_names`` hook)
+# ----------------------------------------------------------------------------------------------
+
+
+def lora_diffusers_names(module: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, int, int] | None]]:
+    """The diffusers module names a LoRA may use for official ``module`` (weight ``shape``), each with
+    the row range ``(dim, start, length)`` it owns of a fused projection (``attn.qkv`` <- to_q / to_k /
+    to_v, ``cross_attn.kv_linear`` <- to_k / to_v), else None."""
+    block = _OFFICIAL_BLOCK_KEY.match(module)
+    if block is None:
+        return [(d, None) for d, o in TOP_LEVEL_RENAMES.items() if o == module and d != module]
+    index, inner = block.groups()
+    names: list[tuple[str, tuple[int, int, int] | None]] = [
+        (f"transformer_blocks.{index}.{d}", None) for d, o in BLOCK_RENAMES.items() if o == inner]
+    parts = BLOCK_FUSIONS.get(inner, ())
+    if parts:
+        rows = shape[0] // len(parts)
+        names += [(f"transformer_blocks.{index}.{part}", (0, i * rows, rows)) for i, part in enumerate(parts)]
+    return names
+
+
+# ----------------------------------------------------------------------------------------------
 # detection
 # ----------------------------------------------------------------------------------------------
+
+
+def sniff_sana_video(raw_state_dict: Mapping[str, torch.Tensor], path: str | Path | None = None,
+                     diffusers_config: Mapping | None = None) -> tuple[SanaVideoConfig, dict[str, torch.Tensor]]:
+    """Any SANA-Video layout -> (config, state dict under official names); anything else -> the
+    registry's VeloxLoadError naming what the file looks like and the node that loads it.
+
+    Works on shapes alone (meta tensors, ``host/quant_loading.detection_view``): canonicalization
+    only renames, fuses q/k/v and flattens 1x1 convs. A diffusers config.json of this class gives the
+    head counts the weights cannot show."""
+    raw = strip_sana_video_prefix(unwrap_state_dict(raw_state_dict, path))
+    if not SANA_VIDEO.marks(raw):
+        refuse_foreign(raw, SANA_VIDEO, path, SANA_VIDEO_EXPECTED)
+    detected = detect_sana_video(raw)
+    if detected is None:
+        raise VeloxLoadError(path, "has SANA-Video's temporal convs but not the tensors of a whole transformer "
+                             "(patch embedding, first block, final layer, caption projection)", SANA_VIDEO_EXPECTED)
+    if diffusers_config is not None and diffusers_config.get("_class_name") == DIFFUSERS_CLASS:
+        detected = config_from_diffusers(diffusers_config, detected)
+    return detected, canonicalize_sana_video_state_dict(raw, path)
 
 
 def detect_sana_video(state_dict_keys_or_shapes: Mapping[str, Any] | Iterable[str]) -> SanaVideoConfig | None:

@@ -12,6 +12,7 @@ from comfy_api.latest import io
 
 from ..host.model_paths import model_choices, resolve_model_choice
 from ..host.quant_inputs import quantization_inputs
+from ..loaders.families import SANA, diffusers_folder_family
 from .queue_validation import VeloxNode
 
 CATEGORY = "Velox/Sana"
@@ -20,6 +21,9 @@ COMPILE_MODES = {"off": None, "inductor": "default", "inductor + cuda graphs": "
 
 
 def _is_sana_folder(path) -> bool:
+    owner = diffusers_folder_family(path)  # a folder of another family (SANA-Video, Wan) is not listed
+    if owner is not None and owner is not SANA:
+        return False
     return (path / "transformer" / "config.json").is_file() or (
         (path / "config.json").is_file() and "Sana" in (path / "config.json").read_text(errors="ignore")
     )

@@ -12,19 +12,19 @@ import torch
 from comfy_api.latest import io
 
 from ..host.model_paths import model_choices, resolve_model_choice
+from ..host.quant_inputs import quantization_inputs
 from ..host.sana_video_conditioning import DEFAULT_MOTION_SCORE, latent_frames
+from ..loaders.families import SANA_VIDEO, diffusers_folder_family
 from .queue_validation import VeloxNode
 from .sana_nodes import DTYPES
 from .wan_sampling_nodes import wan_video_problem
 
 CATEGORY = "Velox/SANA-Video"
-DIFFUSERS_CLASS = "SanaVideoTransformer3DModel"
 LATENT_CHANNELS = 16  # Wan 2.1 VAE (the 480p release)
 
 
 def _is_sana_video_folder(path) -> bool:
-    configs = (path / "transformer" / "config.json", path / "config.json")
-    return any(config.is_file() and DIFFUSERS_CLASS in config.read_text(errors="ignore") for config in configs)
+    return diffusers_folder_family(path) is SANA_VIDEO
 
 
 def _size_inputs() -> list:
@@ -56,23 +56,26 @@ class SanaVideoLoader(VeloxNode):
             description="Loads a SANA-Video transformer (2B 480p on the Wan 2.1 VAE; the 720p LTX-2 variant "
             "loads too) from any layout: the official SANA_Video_2B_480p.pth or safetensors, a diffusers "
             "file or folder (SANA-Video_2B_480p_diffusers, sharded too), ComfyUI-prefixed, or the local "
-            "Hugging Face cache. The variant is detected from the weights; shift 8 is set for sampling.",
+            "Hugging Face cache, GGUF (scripts/convert_to_gguf.py) or scaled-fp8 / comfy_quant. The variant is detected "
+            "from the weights; shift 8 is set for sampling.",
             inputs=[
-                io.Combo.Input("model_name", options=model_choices("diffusion_models", _is_sana_video_folder),
-                               tooltip="A file or diffusers folder in models/diffusion_models, or a SANA-Video "
-                               "repository already in the Hugging Face cache (never downloaded)."),
+                io.Combo.Input("model_name", options=model_choices("diffusion_models", _is_sana_video_folder, (".gguf",)),
+                               tooltip="A file (GGUF included) or diffusers folder in models/diffusion_models, or a "
+                               "SANA-Video repository already in the Hugging Face cache (never downloaded)."),
                 io.Combo.Input("weight_dtype", options=list(DTYPES), default="default",
                                tooltip="Weight precision; 'default' lets ComfyUI pick for this GPU."),
+                *quantization_inputs(),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, model_name, weight_dtype) -> io.NodeOutput:
+    def execute(cls, model_name, weight_dtype, quantization="none", quant_compute="dequant") -> io.NodeOutput:
         from ..host.sana_video_model import load_sana_video_model
 
         path = resolve_model_choice("diffusion_models", model_name)
-        return io.NodeOutput(load_sana_video_model(path, dtype=DTYPES[weight_dtype]))
+        return io.NodeOutput(load_sana_video_model(path, dtype=DTYPES[weight_dtype], quantization=quantization,
+                                                   quant_compute=quant_compute))
 
 
 class SanaVideoTextEncode(VeloxNode):

@@ -185,9 +185,17 @@ WRITERS.update(VIDEOCRAFTER_WRITERS)
 from demo_models_controlnet import CONTROLNET_WRITERS  # noqa: E402
 
 WRITERS.update(CONTROLNET_WRITERS)
-from demo_models_sana_video import SANA_VIDEO_WRITERS  # noqa: E402
 
-WRITERS.update(SANA_VIDEO_WRITERS)
+
+def family_demo_writers() -> dict:
+    """The demo writers the family registry names (each family's ``demo`` hook: models dir -> None)."""
+    register_pack()
+    from velox.loaders.families import FAMILIES
+
+    return {f"{family.display_name} demo": family.function("demo") for family in FAMILIES.values() if family.demo}
+
+
+WRITERS.update(family_demo_writers())
 from demo_models_training import TRAINING_WRITERS  # noqa: E402
 
 WRITERS.update(TRAINING_WRITERS)

@@ -96,3 +96,26 @@ def write_diffusers_folder(folder: str | Path, config: SanaVideoConfig, state_di
     index_json = {"metadata": {"total_size": 0}, "weight_map": weight_map}
     (component / f"{DIFFUSERS_WEIGHTS}.index.json").write_text(json.dumps(index_json, indent=1))
     return folder
+
+
+# ----------------------------------------------------------------------------------------------
+# demo checkpoints (the registry's ``demo`` hook, run by scripts/make_demo_models.py)
+# ----------------------------------------------------------------------------------------------
+
+# Under the real release names: the official file (Efficient-Large-Model/SANA-Video_2B_480p,
+# checkpoints/SANA_Video_2B_480p.pth), which the text-to-video workflow loads, and the diffusers
+# repository's layout, which the image-to-video workflow loads.
+DEMO_FILE = "diffusion_models/SANA_Video_2B_480p.pth"
+DEMO_FOLDER = "diffusion_models/SANA-Video_2B_480p_diffusers"
+
+
+def write_demo_models(models: str | Path) -> None:
+    """The tiny 480p-style transformer, reading the tiny Gemma's width (so it runs with the demo Gemma
+    and Wan VAE), in both layouts under ``models`` (a ComfyUI models folder)."""
+    from .gemma import TINY_GEMMA_HIDDEN
+
+    models = Path(models)
+    config = tiny_sana_video_config(TINY_GEMMA_HIDDEN, name="demo_tiny_sana_video")
+    state_dict = tiny_sana_video_state_dict(config, seed=0)
+    write_official(models / DEMO_FILE, state_dict)
+    write_diffusers_folder(models / DEMO_FOLDER, config, state_dict)

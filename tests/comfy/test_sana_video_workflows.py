@@ -39,8 +39,9 @@ def test_sana_video_workflow_writes_a_video_of_the_requested_length(server, name
 
 @pytest.mark.parametrize("model_name,message", [
     ("wan_t2v_tiny.safetensors", r"wan_t2v_tiny\.safetensors: looks like a Wan transformer, not a SANA-Video "
-     r"transformer; expected a SANA-Video transformer"),
-    ("Sana_1600M_1024px_BF16.pth", r"Sana_1600M_1024px_BF16\.pth: looks like an image Sana transformer"),
+     r"transformer; load it with 'Load Wan Model \(Velox\)'; expected a SANA-Video transformer"),
+    ("Sana_1600M_1024px_BF16.pth", r"Sana_1600M_1024px_BF16\.pth: looks like a Sana transformer, not a SANA-Video "
+     r"transformer; load it with 'Load Sana Model \(Velox\)'"),
 ])
 def test_sana_video_loader_refuses_other_families_in_words(server, model_name, message):
     prompt = load_api_workflow("sana_video_t2v")

@@ -16,6 +16,7 @@ from velox.loaders import families
 from velox.loaders.families import (
     FAMILIES,
     SANA,
+    SANA_VIDEO,
     VIDEOCRAFTER,
     WAN,
     family_by_architecture,
@@ -151,7 +152,7 @@ def test_loader_tables_read_from_the_registry():
         if family.lora_rules:
             assert lora_detect.FAMILY_RULES[family.name] == family.lora_rules
             assert lora_detect.FAMILY_NAMES[family.name] == family.display_name
-    assert gguf_families.AUTO_ORDER == ("sana", "wan", "videocrafter", "t5encoder", "gemma2")
+    assert gguf_families.AUTO_ORDER == ("sana", "wan", "videocrafter", "sana_video", "t5encoder", "gemma2")
     assert gguf_detect.ARCHITECTURES["t5"] == "umt5"
     assert nvfp4_convert.NVFP4_FAMILIES == ("sana", "wan")
     assert sana_detect.DIFFUSERS_CLASS == "SanaTransformer2DModel" and sana_detect.SANA_MARKERS == SANA.markers
@@ -176,7 +177,7 @@ def test_host_tables_read_from_the_registry(comfy_host):
         wan_loading,
     )
 
-    assert quant_loading.NEVER_QUANTIZE == {f.name: f.keep_float for f in (SANA, WAN, VIDEOCRAFTER)}
+    assert quant_loading.NEVER_QUANTIZE == {f.name: f.keep_float for f in (SANA, WAN, VIDEOCRAFTER, SANA_VIDEO)}
     assert shared_activation.SHARED_INPUT == {"wan": WAN.shared_input, "videocrafter": VIDEOCRAFTER.shared_input}
     assert gguf_text_encoders.load_umt5_gguf is wan_loading.load_umt5_gguf
     assert gguf_text_encoders.load_gemma2_gguf is sana_text_encoder.load_gemma2_gguf

@@ -26,10 +26,10 @@ LOADER_FOLDERS = {
     "VeloxSanaLoader": "diffusion_models", "VeloxGemmaLoader": "text_encoders", "VeloxDCAELoader": "vae",
     "VeloxWanLoader": "diffusion_models", "VeloxWanVAELoader": "vae", "VeloxUMT5Loader": "text_encoders",
     "VeloxVideoCrafterLoader": "checkpoints", "VeloxVideoCrafterUNetLoader": "diffusion_models",
-    "VeloxSanaControlNetLoader": "controlnet",
+    "VeloxSanaControlNetLoader": "controlnet", "VeloxSanaVideoLoader": "diffusion_models",
 }
 GGUF_LOADERS = ("VeloxSanaLoader", "VeloxGemmaLoader", "VeloxWanLoader", "VeloxUMT5Loader",
-                "VeloxVideoCrafterLoader", "VeloxVideoCrafterUNetLoader")  # those that list .gguf files
+                "VeloxVideoCrafterLoader", "VeloxVideoCrafterUNetLoader", "VeloxSanaVideoLoader")  # those that list .gguf files
 PICKLE_ONLY = "pickle-only checkpoint, refused; convert to safetensors"
 
 

@@ -135,9 +135,9 @@ def test_loader_node_reads_every_layout_into_diffusers_model(tiny_model, models_
 
 @pytest.mark.parametrize("choice,message", [
     ("wan2.1_t2v_tiny.safetensors", r"wan2\.1_t2v_tiny\.safetensors: looks like a Wan transformer, not a SANA-Video "
-     r"transformer; expected a SANA-Video transformer"),
-    ("Sana_1600M_1024px_BF16.pth", r"Sana_1600M_1024px_BF16\.pth: looks like an image Sana transformer .*'Load Sana "
-     r"Model'.*; expected a SANA-Video transformer"),
+     r"transformer; load it with 'Load Wan Model \(Velox\)'; expected a SANA-Video transformer"),
+    ("Sana_1600M_1024px_BF16.pth", r"Sana_1600M_1024px_BF16\.pth: looks like a Sana transformer, not a SANA-Video "
+     r"transformer; load it with 'Load Sana Model \(Velox\)'; expected a SANA-Video transformer"),
 ])
 def test_loader_node_refuses_wan_and_image_sana_files_in_words(models_dir, choice, message):
     with pytest.raises(VeloxLoadError, match=message):
