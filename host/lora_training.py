@@ -57,6 +57,8 @@ TARGET_PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
     },
     # Sana's Mix-FFN is convolutional (1x1 / depthwise convs), which a Linear LoRA cannot wrap
     "sana": {"attention": _SANA_ATTENTION},
+    # SANA-Video's blocks keep Sana's attention names (its Mix-FFN and temporal conv are convolutions too)
+    "sana_video": {"attention": _SANA_ATTENTION},
     "videocrafter": {
         "attention": (_UNET3D_BLOCK + r"attn[12]\.(to_q|to_k|to_v|to_out\.0|to_k_ip|to_v_ip)$",),
         "attention_ffn": (_UNET3D_BLOCK + r"attn[12]\.(to_q|to_k|to_v|to_out\.0|to_k_ip|to_v_ip)$",
@@ -326,6 +328,13 @@ def sana_velocity(diffusion_model: torch.nn.Module, dtype: torch.dtype) -> Calla
     return velocity
 
 
+def sana_video_velocity(diffusion_model: torch.nn.Module, dtype: torch.dtype) -> Callable:
+    """Velox's SanaVideoTransformer as velocity(x_t (B, C, T, H, W), timestep (B,), context (B, L, D))."""
+    def velocity(x, timestep, context, context_mask=None, **_unused):
+        return diffusion_model(x.to(dtype), timestep, context.to(dtype), context_mask=context_mask)
+    return velocity
+
+
 def videocrafter_prediction(diffusion_model: torch.nn.Module, dtype: torch.dtype) -> Callable:
     """Velox's VideoCrafterUNet as predict(x_t (B, 4, T, H, W), t (B,) long, context (B, 77, D), fps,
     concat (B, 4, T, H, W) or None, clip_vision_tokens or None) -> eps or v."""
@@ -507,11 +516,12 @@ def _trainee(patcher, family: str, config: TrainConfig, device, resume) -> _Trai
     return _Trainee(model, modules, lora, PREDICTIONS[family](model, dtype))
 
 
-PREDICTIONS: dict[str, Callable] = {"wan": wan_velocity, "sana": sana_velocity, "videocrafter": videocrafter_prediction}
+PREDICTIONS: dict[str, Callable] = {"wan": wan_velocity, "sana": sana_velocity, "sana_video": sana_video_velocity,
+                                    "videocrafter": videocrafter_prediction}
 
 
 def training_objective(patcher, family: str) -> float | DiffusionObjective:
-    """The flow shift the MODEL samples with (Wan, Sana), or the release's DDPM objective (VideoCrafter)."""
+    """The flow shift the MODEL samples with (Wan, Sana, SANA-Video), or the release's DDPM objective (VideoCrafter)."""
     if family == "videocrafter":
         return DiffusionObjective.of_variant(patcher.model.model_config.velox_variant)
     return float(patcher.get_model_object("model_sampling").shift)

@@ -24,12 +24,14 @@ from PIL import Image, ImageSequence
 
 from ..errors import VeloxLoadError
 from .lora_training import Sample
+from .sana_text_encoder import SanaGemmaTokenizer
+from .sana_video_conditioning import encode_sana_video_prompt
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 PIL_ANIMATED = (".gif", ".webp")  # PIL reads these, animated or not
 AV_VIDEOS = (".mp4", ".webm", ".mov", ".mkv", ".avi")
 MEDIA_EXTENSIONS = IMAGE_EXTENSIONS + PIL_ANIMATED + AV_VIDEOS
-CACHE_VERSION = "2"  # bump when what a cache file holds changes
+CACHE_VERSION = "3"  # bump when what a cache file holds changes
 DATASET_EXPECTED = f"a folder of images or videos ({', '.join(MEDIA_EXTENSIONS)}) with same-name .txt captions"
 
 
@@ -148,9 +150,16 @@ def cache_key(path: Path, caption: str, settings: DatasetSettings, encoders: str
     return hashlib.sha1(text.encode()).hexdigest()
 
 
-def encode_text(clip, caption: str) -> torch.Tensor:
-    """The caption's conditioning tensor (L, D) from core's CLIP, without its masked padding tokens."""
-    cond, extra = clip.encode_from_tokens_scheduled(clip.tokenize(caption))[0][:2]
+def encode_text(clip, caption: str, video_vae: bool = False) -> torch.Tensor:
+    """The caption's conditioning tensor (L, D) from core's CLIP, without its masked padding tokens.
+
+    Gemma with a video VAE is SANA-Video: captions are encoded as its text node encodes prompts (the
+    video instruction and the motion score), so the LoRA learns the conditioning it samples with."""
+    if video_vae and isinstance(getattr(clip, "tokenizer", None), SanaGemmaTokenizer):
+        conditioning = encode_sana_video_prompt(clip, caption)
+    else:
+        conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(caption))
+    cond, extra = conditioning[0][:2]
     context = cond[0].float().cpu()
     mask = extra.get("attention_mask") if isinstance(extra, dict) else None
     if mask is not None and mask.shape[-1] == context.shape[0]:
@@ -212,7 +221,7 @@ def _load_or_encode(path: Path, caption: str, cached: Path, encoders, settings: 
         report.notes.append(f"{path.name}: {len(frames)} frames trimmed to {wan_frame_count(len(frames))} (4n + 1)")
         frames = frames[:wan_frame_count(len(frames))]
     pixels = fit_frames(frames, settings.width, settings.height)
-    tensors = {"latent": encode_video(vae, pixels), "context": encode_text(clip, caption)}
+    tensors = {"latent": encode_video(vae, pixels), "context": encode_text(clip, caption, temporal)}
     if clip_vision is not None:
         tensors["image_tokens"] = first_frame_tokens(clip_vision, pixels)
     cached.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from .queue_validation import VeloxNode
 CATEGORY = "Velox/Training"
 TrainingData = io.Custom("VELOX_TRAINING_DATA")
 PREVIEW_EVERY = 20  # loss-curve previews per run
-TRAINABLE_FAMILIES = ("wan", "sana", "videocrafter")
+TRAINABLE_FAMILIES = ("wan", "sana", "sana_video", "videocrafter")
 EXPERT_SUFFIXES = ("_high_noise", "_low_noise")  # Wan 2.2, both experts in one run
 
 
@@ -172,9 +172,9 @@ def _family(model, role: str = "model") -> str:
 
     family = model_family(model.model.state_dict().keys())
     if family not in TRAINABLE_FAMILIES:
-        raise VeloxLoadError(None, f"VeloxTrainLora trains Wan, Sana and VideoCrafter / DynamiCrafter models; "
+        raise VeloxLoadError(None, f"VeloxTrainLora trains Wan, Sana, SANA-Video and VideoCrafter / DynamiCrafter models; "
                              f"this {role} is {FAMILY_NAMES.get(family, 'of no family Velox knows')}",
-                             "a Wan, Sana or VideoCrafter MODEL")
+                             "a Wan, Sana, SANA-Video or VideoCrafter MODEL")
     return family
 
 

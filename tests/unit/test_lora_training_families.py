@@ -350,6 +350,49 @@ def test_train_node_refuses_a_model_of_no_trainable_family(comfy_host):
             def state_dict():
                 return {"diffusion_model.joint_blocks.0.x_block.mlp.fc1.weight": torch.zeros(1)}
 
-    with pytest.raises(VeloxLoadError, match="trains Wan, Sana and VideoCrafter / DynamiCrafter models; this model "
+    with pytest.raises(VeloxLoadError, match="trains Wan, Sana, SANA-Video and VideoCrafter / DynamiCrafter models; this model "
                                              "is of no family Velox knows"):
         _family(Stub())
+
+
+# ----------------------------------------------------------------------------------------------
+# SANA-Video: flow matching at its shift (8), Sana's attention names
+# ----------------------------------------------------------------------------------------------
+
+
+def test_sana_video_trains_with_flow_matching_at_its_own_shift(comfy_host, tmp_path, one_cpu_thread):
+    from velox.host.lora_training import Sample, TrainConfig, train_lora, training_objective
+    from velox.host.sana_video_model import load_sana_video_model
+    from velox.nodes.lora_training_nodes import _family
+    from velox.tiny.sana_video import tiny_sana_video_config, tiny_sana_video_state_dict, write_official
+
+    config = tiny_sana_video_config(caption_channels=32)
+    path = write_official(tmp_path / "SANA_Video_tiny.pth", tiny_sana_video_state_dict(config))
+    model = load_sana_video_model(path, dtype=torch.float32)
+    assert _family(model) == "sana_video"
+    assert training_objective(model, "sana_video") == 8.0
+    generator = torch.Generator().manual_seed(0)
+    latent = torch.randn(16, 2, 2, 2, generator=generator).repeat(1, 1, 2, 2)
+    clip = Sample(latent, torch.randn(6, 32, generator=generator))
+    result = train_lora(model, [clip], TrainConfig(rank=8, alpha=8.0, learning_rate=3e-3, steps=40, seed=0,
+                                                   weight_decay=0.0), family="sana_video")
+    assert {n.split(".")[2] for n in result.lora.names} == {"attn", "cross_attn"}
+    first, last = sum(result.losses[:8]) / 8, sum(result.losses[-8:]) / 8
+    assert last < 0.8 * first, f"loss {first:.4f} -> {last:.4f}"
+
+
+def test_sana_video_captions_are_encoded_as_its_text_node_encodes_prompts(comfy_host, tmp_path):
+    """Gemma + a video VAE (SANA-Video): the dataset's caption features equal VeloxSanaVideoTextEncode's
+    (video instruction, motion score), padding dropped; with an image VAE they stay Sana's."""
+    from velox.host.sana_text_encoder import load_sana_text_encoder
+    from velox.host.sana_video_conditioning import encode_sana_video_prompt
+    from velox.host.training_data import encode_text
+    from velox.tiny.gemma import write_tiny_gemma_single_file
+
+    clip = load_sana_text_encoder(write_tiny_gemma_single_file(tmp_path / "gemma.safetensors"))
+    caption = "a red ball rolls across a wooden floor"
+    ((cond, extra),) = encode_sana_video_prompt(clip, caption)
+    want = cond[0][extra["attention_mask"][0].bool()]
+    assert torch.equal(encode_text(clip, caption, video_vae=True), want.float())
+    ((image_cond, image_extra),) = clip.encode_from_tokens_scheduled(clip.tokenize(caption))
+    assert torch.equal(encode_text(clip, caption), image_cond[0][image_extra["attention_mask"][0].bool()].float())
