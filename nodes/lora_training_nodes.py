@@ -99,8 +99,8 @@ def _train_inputs() -> list[io.Input]:
         io.Int.Input("steps", default=500, min=1, max=100000, tooltip="Optimizer steps."),
         io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Clips per micro-batch (one size)."),
         io.Int.Input("grad_accumulation", default=1, min=1, max=64, tooltip="Micro-batches per optimizer step."),
-        io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seeds the LoRA init, clip order, noise "
-                     "and timesteps."),
+        io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True,
+                     tooltip="Seeds the LoRA init, clip order, noise and timesteps."),
         io.Combo.Input("lora_dtype", options=["fp32", "bf16"], default="fp32", tooltip="The LoRA's own dtype."),
         io.Boolean.Input("gradient_checkpointing", default=False,
                          tooltip="Recompute each block in the backward pass: less memory, about 30 % slower."),
