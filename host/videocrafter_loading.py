@@ -29,13 +29,14 @@ import comfy.utils
 import torch
 
 from ..errors import VeloxLoadError
-from ..loaders.state_dict_fit import load_into
+from ..loaders.families import VIDEOCRAFTER
 from ..loaders.videocrafter_detect import (
     VideoCrafterVariant,
     detect_variant,
     refuse_foreign,
     split_components,
 )
+from .model_build import build_patcher
 from .quant_loading import detection_view, has_quantized_layers, read_weights
 from .videocrafter_model import VideoCrafterModelConfig
 
@@ -105,23 +106,11 @@ def unet_weights(parts: dict, variant: VideoCrafterVariant) -> dict:
 
 def build_videocrafter_model(parts: dict, variant: VideoCrafterVariant, path=None,
                              dtype: torch.dtype | None = None) -> comfy.model_patcher.ModelPatcher:
+    """Float UNet (+ Resampler) weights on core's own operations, through the families' one build."""
     weights = unet_weights(parts, variant)
-    load_device = comfy.model_management.get_torch_device()
-    offload_device = comfy.model_management.unet_offload_device()
-    model_config = VideoCrafterModelConfig(variant)
-    if dtype is None:
-        dtype = comfy.model_management.unet_dtype(
-            model_params=comfy.utils.calculate_parameters(weights),
-            supported_dtypes=model_config.supported_inference_dtypes,
-            weight_dtype=comfy.utils.weight_dtype(weights))
-    manual_cast = comfy.model_management.unet_manual_cast(dtype, load_device, model_config.supported_inference_dtypes)
-    model_config.set_inference_dtype(dtype, manual_cast)
-    model = model_config.get_model(weights, device=offload_device)
-    missing, unexpected = load_into(model.diffusion_model, weights, path, f"the detected {variant.name} UNet")
-    if missing or unexpected:
-        raise VeloxLoadError(path, f"weights do not fit the detected {variant.name} (missing {missing[:4]}, "
-                             f"unexpected {unexpected[:4]})", "a complete VideoCrafter / DynamiCrafter checkpoint")
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    return build_patcher(VIDEOCRAFTER, VideoCrafterModelConfig(variant), weights, weights, path,
+                         f"the detected {variant.name} UNet", dtype, quantized=False,
+                         expected="a complete VideoCrafter / DynamiCrafter checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------- VAE
