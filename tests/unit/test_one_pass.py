@@ -15,7 +15,7 @@ from velox.tiny import wan as tiny_wan
 
 SANA_CONFIG = tiny_sana.TINY_SANA_CONFIGS["sana_1600m_style"]
 SANA_4K = tiny_sana.TINY_SANA_CONFIGS["sana_4k_pe"]
-BUILD_SITES = ("sana_model", "sana_video_model", "wan_model", "videocrafter_loading", "videocrafter_quant")
+BUILD_SITES = ("sana_model", "sana_video_model", "wan_model", "videocrafter_loading")
 
 
 @pytest.fixture
@@ -26,7 +26,6 @@ def calls(comfy_host, monkeypatch) -> Counter:
         sana_model,
         sana_video_model,
         videocrafter_loading,
-        videocrafter_quant,
         wan_model,
     )
     from velox.loaders import gguf_reader, sana_detect, sana_keys
@@ -54,7 +53,7 @@ def calls(comfy_host, monkeypatch) -> Counter:
         count(module, "canonicalize_sana_state_dict", "canonicalize sana")
     count(sana_detect, "detect_sana_config", "config sana")
     hosts = {"sana_model": sana_model, "sana_video_model": sana_video_model, "wan_model": wan_model,
-             "videocrafter_loading": videocrafter_loading, "videocrafter_quant": videocrafter_quant}
+             "videocrafter_loading": videocrafter_loading}
     for site in BUILD_SITES:
         count(hosts[site], "build_patcher", "build")
     count(model_build, "make_quant_operations", "quantized operations")
@@ -135,6 +134,19 @@ def test_videocrafter_builds_once_through_build_patcher(calls, tmp_path, quantiz
     path = write_release_ckpt(tmp_path / "videocrafter2_t2v.ckpt", "vc2", 0)
     load_videocrafter_unet(path, dtype=torch.float32, quantization=quantization)
     assert (calls["build"], calls["quantized operations"]) == (1, int(quantization != "none"))
+
+
+def test_a_videocrafter_gguf_is_read_once_and_built_once(calls, tmp_path):
+    from demo_models_videocrafter import write_release_ckpt
+
+    from velox.host.videocrafter_loading import load_videocrafter_unet
+    from velox.loaders.gguf_convert import convert_to_gguf
+
+    source = write_release_ckpt(tmp_path / "videocrafter2_t2v.ckpt", "vc2", 0)
+    convert_to_gguf(source, tmp_path / "videocrafter2_t2v-Q8_0.gguf", "Q8_0")
+    calls.clear()
+    load_videocrafter_unet(tmp_path / "videocrafter2_t2v-Q8_0.gguf", dtype=torch.float32)
+    assert (calls["read gguf"], calls["build"], calls["quantized operations"]) == (1, 1, 1)
 
 
 def test_the_float_build_keeps_cores_operations_and_the_weights_bit_for_bit(comfy_host):
