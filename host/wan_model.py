@@ -4,7 +4,8 @@ Core has the backbone (``comfy.ldm.wan.model.WanModel`` / ``VaceWanModel``); wha
 layouts and the facts its detection fixes. A load is one pass: detect the variant and canonicalize
 (``loaders.wan_detect.sniff_wan``, on logical shapes) -> core's config (``wan_model_config``) ->
 ``host/model_build.build_patcher``, on core's operations for float weights, on the registry's
-quantized ones for GGUF / scaled-fp8 / comfy_quant files or a ``quantization`` chosen at load.
+quantized ones for GGUF / scaled-fp8 / comfy_quant files or a ``quantization`` chosen at load. A float
+file's tensors that core's model has no place for pass with a warning, as core's own loader lets them.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def build_wan_from_weights(weights: Weights, path: str | Path | None = None, dty
     if not quantized:
         dtype = _apply_model_options(model_config, model_options, dtype)
     return build_patcher(WAN, model_config, canonical, state_dict, path, variant.describe(), dtype,
-                         quantization, compute, quantized=quantized, expected=EXPECTED)
+                         quantization, compute, quantized=quantized, expected=EXPECTED,
+                         refuse_unexpected=quantized)
 
 
 def build_wan_model(
@@ -58,7 +60,7 @@ def build_wan_model(
     model_config = wan_model_config(state_dict, diffusers_config, path, variant)
     dtype = _apply_model_options(model_config, model_options, dtype)
     return build_patcher(WAN, model_config, state_dict, state_dict, path, variant.describe(), dtype,
-                         quantized=False, expected=EXPECTED)
+                         quantized=False, expected=EXPECTED, refuse_unexpected=False)
 
 
 def wan_model_config(canonical: Mapping[str, torch.Tensor], diffusers_config: Mapping | None, path,

@@ -158,3 +158,16 @@ def test_the_float_build_keeps_cores_operations_and_the_weights_bit_for_bit(comf
     net = build_sana_model(dict(weights), dtype=torch.float32).model.diffusion_model
     assert not any(isinstance(module, QuantLinear) for module in net.modules())
     assert torch.equal(net.blocks[0].attn.qkv.weight, weights["blocks.0.attn.qkv.weight"])
+
+
+def test_a_float_wan_file_with_a_tensor_core_has_no_place_for_still_loads(comfy_host, tmp_path, caplog):
+    """As core's own loader lets it: the float Wan build through build_patcher warns, it does not refuse."""
+    from velox.host.wan_loading import load_wan_model
+
+    weights = tiny_wan.tiny_wan_state_dict(tiny_wan.TINY_WAN_CONFIGS["t2v"])
+    weights["blocks.0.norm_extra.weight"] = torch.ones(4)
+    with caplog.at_level("WARNING"):
+        patcher = load_wan_model(tiny_wan.write_official_file(weights, tmp_path / "wan.safetensors"),
+                                 dtype=torch.float32)
+    assert torch.equal(patcher.model.diffusion_model.blocks[0].self_attn.q.weight, weights["blocks.0.self_attn.q.weight"])
+    assert "blocks.0.norm_extra.weight" in caplog.text
