@@ -1,10 +1,11 @@
 """One way from canonical weights to a ComfyUI MODEL, for every family: ``build_patcher``.
 
-The family's ``model_config`` (a ``comfy.supported_models_base.BASE``) is made by the caller from
-what detection found; the rest is the same for Sana, Wan and VideoCrafter: devices, ComfyUI's
-weight / compute dtype choice, the family's quantized ``operations`` (its registry entry's
-keep-in-float patterns and shared activation groups), the model, every tensor loaded and checked,
-and the ModelPatcher.
+A load is one pass: read (``quant_loading.read_checkpoint``) -> detect the family -> canonicalize ->
+config -> build -> quantize. The family's ``model_config`` (a ``comfy.supported_models_base.BASE``) is
+made by the caller from what its config step found; the rest is the same for Sana, SANA-Video, Wan
+and VideoCrafter, float or quantized: devices, ComfyUI's weight / compute dtype choice, the family's
+quantized ``operations`` when asked (its registry entry's keep-in-float patterns and shared
+activation groups), the model, every tensor loaded and checked, and the ModelPatcher.
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ def choose_inference_dtype(model_config, shapes: Mapping[str, torch.Tensor], dty
     return dtype
 
 
-def load_checked(module: torch.nn.Module, state_dict: Weights, path, what: str) -> None:
-    """Load every tensor; refuse a model left with a missing or unfilled parameter.
+def load_checked(module: torch.nn.Module, state_dict: Weights, path, what: str, expected: str | None = None,
+                 refuse_unexpected: bool = True) -> None:
+    """Load every tensor; refuse a model left with a missing or unfilled parameter, and tensors it has
+    no place for unless ``refuse_unexpected`` is False (then they are logged, as core's loader does).
 
     A packed tensor meant for anything but a Linear's weight (a quantized embedding table, say) is
     dequantized once here: only ``QuantLinear`` computes from packed storage."""
@@ -55,9 +58,12 @@ def load_checked(module: torch.nn.Module, state_dict: Weights, path, what: str) 
                   for k, v in state_dict.items()}
     missing, unexpected = load_into(module, state_dict, path, what)
     unfilled = [name for name, p in module.named_parameters() if p.is_meta]
+    if unexpected and not refuse_unexpected:
+        logging.warning("Velox: %s: tensors %s have no place in %s", path, unexpected[:4], what)
+        unexpected = []
     if missing or unexpected or unfilled:
         raise VeloxLoadError(path, f"weights do not fit {what} (missing {(missing or unfilled)[:4]}, "
-                             f"unexpected {unexpected[:4]})", f"a complete {what} checkpoint")
+                             f"unexpected {unexpected[:4]})", expected or f"a complete {what} checkpoint")
 
 
 def describe_storage(quantization: str, compute: str, weights: Weights) -> str:
@@ -67,20 +73,27 @@ def describe_storage(quantization: str, compute: str, weights: Weights) -> str:
 
 def build_patcher(family: Family, model_config, shapes: Mapping[str, torch.Tensor], state_dict: Weights,
                   path: str | Path | None, what: str, dtype: torch.dtype | None = None,
-                  quantization: str = "none", compute: str = "dequant",
-                  label: str | None = None) -> comfy.model_patcher.ModelPatcher:
-    """A MODEL of ``family`` built by ``model_config`` on quantized operations.
+                  quantization: str = "none", compute: str = "dequant", label: str | None = None,
+                  quantized: bool = True, expected: str | None = None,
+                  refuse_unexpected: bool = True) -> comfy.model_patcher.ModelPatcher:
+    """A MODEL of ``family`` built by ``model_config``: the build step of every family's load.
 
     shapes: the canonical names with logical shapes (detection's view: what the dtype choice and the
     model constructor read); state_dict: the same names with the weights to load (``PackedWeight``
-    records included); what: the model in messages; label: in the log line (default ``what``).
+    records included); what: the model in messages; label: in the log line (default ``what``);
+    expected: what a refused file should have been (default "a complete <what> checkpoint");
+    refuse_unexpected: False lets tensors the model has no place for pass with a warning (``load_checked``).
+    quantized: the model gets the family's quantized ``operations`` (``quantization`` / ``compute``,
+    its keep-in-float patterns and shared activation groups); False keeps ``model_config``'s own
+    (core's), for float weights that nobody asked to quantize.
     """
     load_device, offload_device = model_devices()
     dtype = choose_inference_dtype(model_config, shapes, dtype, load_device)
-    model_config.custom_operations = make_quant_operations(quantization, compute, family.keep_float,
-                                                           shared_input=family.shared_input)
+    if quantized:
+        model_config.custom_operations = make_quant_operations(quantization, compute, family.keep_float,
+                                                               shared_input=family.shared_input)
     model = model_config.get_model(dict(shapes), "", device=offload_device)
-    load_checked(model.diffusion_model, state_dict, path, what)
-    logging.info("Velox: %s loaded from %s (%s; %s)", label or what, path, dtype,
-                 describe_storage(quantization, compute, state_dict))
+    load_checked(model.diffusion_model, state_dict, path, what, expected, refuse_unexpected)
+    storage = f"; {describe_storage(quantization, compute, state_dict)}" if quantized else ""
+    logging.info("Velox: %s loaded from %s (%s%s)", label or what, path or "state dict", dtype, storage)
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)

@@ -66,26 +66,53 @@ def is_gguf(path: str | Path) -> bool:
     return Path(path).suffix.lower() == GGUF_SUFFIX and Path(path).is_file()
 
 
-def read_weights(path: str | Path, component: str = "transformer") -> tuple[Weights, dict | None]:
-    """A checkpoint (GGUF, safetensors, safe pickle, diffusers folder) -> (weights, diffusers config).
+@dataclasses.dataclass
+class Checkpoint:
+    """The read step of a load: the weights (``PackedWeight`` for quantized ones), the diffusers
+    config.json that describes them (a folder's, or the one next to a file), and a GGUF's metadata."""
+
+    weights: Weights
+    diffusers_config: dict | None = None
+    gguf_metadata: dict | None = None
+
+
+def read_checkpoint(path: str | Path, component: str = "transformer") -> Checkpoint:
+    """A checkpoint (GGUF, safetensors, safe pickle, diffusers folder), read once.
 
     The config is the folder's config.json, or the one next to a file (``sibling_config``).
     Quantized weights of every on-disk form come back as ``PackedWeight``.
     """
     path = Path(path)
     if is_gguf(path):
-        return read_gguf_weights(path), sibling_config(path)
+        from ..loaders.gguf_reader import read_gguf
+
+        contents = read_gguf(path)
+        return Checkpoint(gguf_weights(contents), sibling_config(path), dict(contents.metadata))
     state_dict, config = read_component(path, component)
-    return fold_quantized_layers(state_dict, _safetensors_metadata(path), path), config
+    return Checkpoint(fold_quantized_layers(state_dict, _safetensors_metadata(path), path), config)
+
+
+def read_weights(path: str | Path, component: str = "transformer") -> tuple[Weights, dict | None]:
+    """(weights, diffusers config) of ``read_checkpoint``."""
+    checkpoint = read_checkpoint(path, component)
+    return checkpoint.weights, checkpoint.diffusers_config
 
 
 def read_gguf_weights(path: str | Path) -> Weights:
     """A GGUF file's tensors: float types as zero-copy tensors, block types as ``PackedWeight``."""
-    from ..loaders.gguf_reader import read_gguf, record_as_torch
+    from ..loaders.gguf_reader import read_gguf
+
+    return gguf_weights(read_gguf(path))
+
+
+def gguf_weights(contents) -> Weights:
+    """A parsed GGUF's (``read_gguf``) tensors: float types as zero-copy tensors, block types as
+    ``PackedWeight``."""
+    from ..loaders.gguf_reader import record_as_torch
 
     float_views = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
     weights: Weights = {}
-    for name, record in read_gguf(path).tensors.items():
+    for name, record in contents.tensors.items():
         data = record_as_torch(record)
         if record.qtype in float_views:
             weights[name] = data.view(float_views[record.qtype]).reshape(record.shape)

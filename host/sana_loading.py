@@ -8,22 +8,22 @@ import torch
 
 from ..loaders.checkpoint_files import read_component
 from .dcae_vae import load_dcae_vae
-from .quant_loading import has_quantized_layers, read_weights
-from .quant_models import build_quantized_sana
+from .quant_loading import read_checkpoint
 from .sana_model import build_sana_model
 from .sana_text_encoder import load_sana_text_encoder
 
 
 def load_sana_model(path: Path, dtype: torch.dtype | None = None, quantization: str = "none",
                     quant_compute: str = "dequant"):
-    """A Sana transformer (any layout, GGUF and ComfyUI fp8 formats included) as a ComfyUI MODEL.
+    """A Sana transformer (any layout, GGUF and ComfyUI fp8 formats included) as a ComfyUI MODEL: the
+    read step, then ``build_sana_model``'s one pass.
 
     quantization (none / fp8_e4m3 / int8) and quant_compute (dequant / lowp): ``host/quant_ops.py``.
     """
-    state_dict, config = read_weights(path, "transformer")
-    if quantization != "none" or has_quantized_layers(state_dict):
-        return build_quantized_sana(state_dict, path, dtype, config, quantization, quant_compute)
-    return build_sana_model(state_dict, path=str(path), dtype=dtype, diffusers_config=config)
+    checkpoint = read_checkpoint(path, "transformer")
+    return build_sana_model(checkpoint.weights, path=str(path), dtype=dtype,
+                            diffusers_config=checkpoint.diffusers_config, quantization=quantization,
+                            compute=quant_compute, gguf_metadata=checkpoint.gguf_metadata)
 
 
 def load_gemma(path: Path, cpu: bool = False):

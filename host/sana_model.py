@@ -8,21 +8,27 @@ and reaches the transformer as ``context_mask``.
 
 from __future__ import annotations
 
-import logging
-
 import comfy.conds
 import comfy.latent_formats
 import comfy.model_base
-import comfy.model_management
 import comfy.model_patcher
 import comfy.supported_models_base
-import comfy.utils
 import torch
 
-from ..errors import VeloxLoadError
-from ..loaders.sana_detect import sniff_sana
-from ..loaders.state_dict_fit import load_into
-from ..models.sana import SanaConfig, SanaTransformer
+from ..loaders.checkpoint_files import diffusion_model_weights
+from ..loaders.families import SANA
+from ..loaders.gguf_detect import sana_config_from_metadata
+from ..loaders.sana_detect import SANA_EXPECTED, sana_config
+from ..loaders.sana_keys import canonicalize_sana_state_dict
+from ..models.sana import SanaTransformer
+from .model_build import build_patcher
+from .quant_loading import (
+    densify_non_matrices,
+    detection_view,
+    has_quantized_layers,
+    restore_packed,
+    squeeze_packed_1x1,
+)
 
 SANA_SCALE_FACTOR = 0.41407  # DC-AE f32c32 latent scale (Sana 1.0 / 1.1 configs)
 
@@ -73,37 +79,29 @@ def build_sana_model(
     dtype: torch.dtype | None = None,
     shift: float | None = None,
     diffusers_config: dict | None = None,
+    quantization: str = "none",
+    compute: str = "dequant",
+    gguf_metadata: dict | None = None,
 ) -> comfy.model_patcher.ModelPatcher:
-    """Detect, build and load a Sana transformer from any supported layout; return a MODEL."""
-    config, state_dict = sniff_sana(raw_state_dict, path=path, diffusers_config=diffusers_config)
-    load_device = comfy.model_management.get_torch_device()
-    offload_device = comfy.model_management.unet_offload_device()
-    model_config = SanaModelConfig(_unet_config(config))
+    """A Sana transformer of any layout as a MODEL, in one pass: detect the family -> canonicalize ->
+    config -> build -> quantize, each once.
+
+    raw_state_dict: what ``quant_loading.read_checkpoint`` read (it may hold ``PackedWeight`` records:
+    GGUF, scaled fp8, comfy_quant); those, or a ``quantization`` other than "none" (computed by
+    ``compute``), build on the registry's quantized operations. gguf_metadata: the GGUF's, whose
+    recorded SanaConfig tells the 2K / 4K position embedding that shapes cannot show.
+    """
+    quantized = quantization != "none" or has_quantized_layers(raw_state_dict)
+    weights = densify_non_matrices(squeeze_packed_1x1(dict(raw_state_dict)))
+    view, lookup = detection_view(weights)  # packed records -> meta tensors of their logical shapes
+    raw = diffusion_model_weights(view, path)
+    SANA.check(raw, path, SANA_EXPECTED)
+    canonical = canonicalize_sana_state_dict(raw, path)
+    recorded = sana_config_from_metadata(gguf_metadata) if quantized and gguf_metadata else None
+    config = sana_config(canonical, raw.get("pos_embed"), path, diffusers_config, recorded)
+    state_dict = restore_packed(canonical, lookup, path)  # the packed records back under canonical names
+    model_config = SanaModelConfig(config.model_kwargs())
     model_config.sampling_settings["shift"] = config.flow_shift if shift is None else shift
-    parameters = comfy.utils.calculate_parameters(state_dict)
-    if dtype is None:
-        dtype = comfy.model_management.unet_dtype(
-            model_params=parameters,
-            supported_dtypes=model_config.supported_inference_dtypes,
-            weight_dtype=comfy.utils.weight_dtype(state_dict),
-        )
-    manual_cast = comfy.model_management.unet_manual_cast(
-        dtype, load_device, model_config.supported_inference_dtypes
-    )
-    model_config.set_inference_dtype(dtype, manual_cast)
-    model = model_config.get_model(state_dict, device=offload_device)
-    _load_strict(model.diffusion_model, state_dict, path)
-    logging.info("Velox: Sana %s loaded from %s (%s)", config.describe(), path or "state dict", dtype)
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
-
-
-def _unet_config(config: SanaConfig) -> dict:
-    return config.model_kwargs()
-
-
-def _load_strict(module: torch.nn.Module, state_dict: dict, path: str | None) -> None:
-    """Every parameter must come from the file: a partial Sana would sample garbage silently."""
-    missing, unexpected = load_into(module, state_dict, path, "the detected Sana config")
-    if missing or unexpected:
-        raise VeloxLoadError(path, f"weights do not fit the detected Sana config (missing {missing[:4]}, "
-                             f"unexpected {unexpected[:4]})", "a complete Sana transformer checkpoint")
+    return build_patcher(SANA, model_config, canonical, state_dict, path,
+                         "the detected Sana config", dtype, quantization, compute, label=f"Sana {config.describe()}",
+                         quantized=quantized, expected="a complete Sana transformer checkpoint")

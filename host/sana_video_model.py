@@ -16,7 +16,6 @@ from image Sana (``host/sana_model.py``):
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,15 +27,15 @@ import comfy.supported_models_base
 import torch
 
 from ..loaders.families import SANA_VIDEO
+from ..loaders.gguf_detect import diffusers_config_from_metadata
 from ..loaders.sana_video_keys import sniff_sana_video
 from ..models.sana_video import SanaVideoConfig, SanaVideoTransformer
-from .model_build import build_patcher, choose_inference_dtype, load_checked, model_devices
+from .model_build import build_patcher
 from .quant_loading import (
     densify_non_matrices,
     detection_view,
     has_quantized_layers,
-    is_gguf,
-    read_weights,
+    read_checkpoint,
     restore_packed,
     squeeze_packed_1x1,
 )
@@ -106,10 +105,11 @@ def load_sana_video_model(path: str | Path, dtype: torch.dtype | None = None, ti
 
     quantization (none / fp8_e4m3 / int8 / nvfp4) and quant_compute (dequant / lowp): ``host/quant_ops.py``.
     """
-    weights, config = read_weights(path, "transformer")
-    if config is None and is_gguf(path):
-        config = _gguf_diffusers_config(path)
-    return build_sana_video_model(weights, path=str(path), dtype=dtype, diffusers_config=config,
+    checkpoint = read_checkpoint(path, "transformer")
+    config = checkpoint.diffusers_config
+    if config is None and checkpoint.gguf_metadata is not None:  # our converter records a folder's config.json
+        config = diffusers_config_from_metadata(checkpoint.gguf_metadata)
+    return build_sana_video_model(checkpoint.weights, path=str(path), dtype=dtype, diffusers_config=config,
                                   timestep_rounding=timestep_rounding, quantization=quantization,
                                   quant_compute=quant_compute)
 
@@ -133,20 +133,13 @@ def build_sana_video_model(
     if timestep_rounding not in TIMESTEP_ROUNDINGS:
         raise ValueError(f"timestep_rounding {timestep_rounding!r}: expected one of {TIMESTEP_ROUNDINGS}")
     quantized = quantization != "none" or has_quantized_layers(raw_state_dict)
-    if quantized:
-        weights = densify_non_matrices(squeeze_packed_1x1(dict(raw_state_dict)))
-        view, lookup = detection_view(weights)
-        config, canonical = sniff_sana_video(view, path, diffusers_config)
-        state_dict = restore_packed(canonical, lookup, path)
-    else:
-        config, canonical = sniff_sana_video(raw_state_dict, path, diffusers_config)
-        state_dict = canonical
+    weights = densify_non_matrices(squeeze_packed_1x1(dict(raw_state_dict)))
+    view, lookup = detection_view(weights)  # packed records -> meta tensors of their logical shapes
+    config, canonical = sniff_sana_video(view, path, diffusers_config)
+    state_dict = restore_packed(canonical, lookup, path)
     model_config = _model_config(config, shift, timestep_rounding)
-    what = f"the detected {config.describe()}"
-    if quantized:
-        return build_patcher(SANA_VIDEO, model_config, canonical, state_dict, path, what, dtype, quantization,
-                             quant_compute, label=config.describe())
-    return _build_float(model_config, state_dict, path, what, dtype, config)
+    return build_patcher(SANA_VIDEO, model_config, canonical, state_dict, path, f"the detected {config.describe()}",
+                         dtype, quantization, quant_compute, label=config.describe(), quantized=quantized)
 
 
 def _model_config(config: SanaVideoConfig, shift: float | None, timestep_rounding: str) -> SanaVideoModelConfig:
@@ -155,22 +148,3 @@ def _model_config(config: SanaVideoConfig, shift: float | None, timestep_roundin
     model_config.latent_format = LATENT_FORMATS.get(config.vae, comfy.latent_formats.Wan21)()
     model_config.timestep_rounding = timestep_rounding
     return model_config
-
-
-def _build_float(model_config: SanaVideoModelConfig, state_dict: dict, path: str | None, what: str,
-                 dtype: torch.dtype | None, config: SanaVideoConfig) -> comfy.model_patcher.ModelPatcher:
-    """Float weights on ComfyUI's own operations (what ``build_patcher`` does, without quantized ops)."""
-    load_device, offload_device = model_devices()
-    dtype = choose_inference_dtype(model_config, state_dict, dtype, load_device)
-    model = model_config.get_model(state_dict, device=offload_device)
-    load_checked(model.diffusion_model, state_dict, path, what)
-    logging.info("Velox: %s loaded from %s (%s)", config.describe(), path or "state dict", dtype)
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
-
-
-def _gguf_diffusers_config(path: str | Path) -> dict | None:
-    """The diffusers config.json our converter records in a GGUF of a diffusers folder, else None."""
-    from ..loaders.gguf_detect import diffusers_config_from_metadata
-    from ..loaders.gguf_reader import read_gguf
-
-    return diffusers_config_from_metadata(read_gguf(path).metadata)

@@ -29,14 +29,21 @@ import comfy.utils
 import torch
 
 from ..errors import VeloxLoadError
-from ..loaders.state_dict_fit import load_into
+from ..loaders.families import VIDEOCRAFTER
 from ..loaders.videocrafter_detect import (
     VideoCrafterVariant,
     detect_variant,
     refuse_foreign,
     split_components,
 )
-from .quant_loading import detection_view, has_quantized_layers, read_weights
+from .model_build import build_patcher
+from .quant_loading import (
+    densify_non_matrices,
+    detection_view,
+    has_quantized_layers,
+    read_checkpoint,
+    restore_packed,
+)
 from .videocrafter_model import VideoCrafterModelConfig
 
 SD_VAE_CH = 128  # the released KL-f8 VAE's base width; anything else is built from its shapes
@@ -52,11 +59,10 @@ def load_videocrafter_checkpoint(path: str | Path, variant: str = "auto", dtype:
     GGUF (``host.videocrafter_quant``), scaled-fp8 and comfy_quant files, and ``quantization`` other than
     "none" (fp8_e4m3 / int8, computed by ``quant_compute`` dequant / lowp) load on ``host/quant_ops.py``.
     """
-    from .videocrafter_quant import dense_encoders, refuse_foreign_gguf
+    from .videocrafter_quant import dense_encoders
 
     path = Path(path)
-    refuse_foreign_gguf(path)
-    weights, _ = read_weights(path)
+    weights = read_videocrafter_weights(path)
     model, found = build_videocrafter_unet(weights, path, variant, dtype, quantization, quant_compute)
     encoders = dense_encoders(weights)
     parts = split_components(encoders)
@@ -70,28 +76,32 @@ def load_videocrafter_checkpoint(path: str | Path, variant: str = "auto", dtype:
 def load_videocrafter_unet(path: str | Path, variant: str = "auto", dtype: torch.dtype | None = None,
                            quantization: str = "none", quant_compute: str = "dequant"):
     """(MODEL, VideoCrafterVariant) from a UNet-only file or a release file (whose other models are skipped)."""
+    path = Path(path)
+    return build_videocrafter_unet(read_videocrafter_weights(path), path, variant, dtype, quantization, quant_compute)
+
+
+def read_videocrafter_weights(path: Path) -> dict:
+    """The read step: the file's weights, once; a GGUF of another family is refused by name first."""
     from .videocrafter_quant import refuse_foreign_gguf
 
-    path = Path(path)
-    refuse_foreign_gguf(path)
-    weights, _ = read_weights(path)
-    return build_videocrafter_unet(weights, path, variant, dtype, quantization, quant_compute)
+    checkpoint = read_checkpoint(path, "transformer")
+    refuse_foreign_gguf(path, checkpoint.gguf_metadata)
+    return checkpoint.weights
 
 
 def build_videocrafter_unet(weights: dict, path: Path, variant: str = "auto", dtype: torch.dtype | None = None,
                             quantization: str = "none", quant_compute: str = "dequant"):
-    """(MODEL, VideoCrafterVariant): detection on logical shapes, then the plain or the quantized build."""
-    from .videocrafter_quant import build_quantized_videocrafter
-
+    """(MODEL, VideoCrafterVariant) in one pass: detection on logical shapes, then one build, on
+    quantized operations for packed weights or a ``quantization`` chosen at load."""
+    quantized = quantization != "none" or has_quantized_layers(weights)
     view, lookup = detection_view(weights)  # packed records -> meta tensors of their logical shapes
     parts = split_components(view)
     if "unet" not in parts:
         refuse_foreign(view, path)
     found = detect_variant(parts, path, variant)
-    if quantization != "none" or has_quantized_layers(weights):
-        unet = unet_weights(parts, found)
-        return build_quantized_videocrafter(unet, lookup, found, path, dtype, quantization, quant_compute), found
-    return build_videocrafter_model(parts, found, path, dtype), found
+    unet = unet_weights(parts, found)
+    state_dict = densify_non_matrices(restore_packed(unet, lookup, path))
+    return build_unet(unet, state_dict, found, path, dtype, quantization, quant_compute, quantized), found
 
 
 def unet_weights(parts: dict, variant: VideoCrafterVariant) -> dict:
@@ -105,23 +115,18 @@ def unet_weights(parts: dict, variant: VideoCrafterVariant) -> dict:
 
 def build_videocrafter_model(parts: dict, variant: VideoCrafterVariant, path=None,
                              dtype: torch.dtype | None = None) -> comfy.model_patcher.ModelPatcher:
+    """Float UNet (+ Resampler) weights, already split and detected, on core's own operations."""
     weights = unet_weights(parts, variant)
-    load_device = comfy.model_management.get_torch_device()
-    offload_device = comfy.model_management.unet_offload_device()
-    model_config = VideoCrafterModelConfig(variant)
-    if dtype is None:
-        dtype = comfy.model_management.unet_dtype(
-            model_params=comfy.utils.calculate_parameters(weights),
-            supported_dtypes=model_config.supported_inference_dtypes,
-            weight_dtype=comfy.utils.weight_dtype(weights))
-    manual_cast = comfy.model_management.unet_manual_cast(dtype, load_device, model_config.supported_inference_dtypes)
-    model_config.set_inference_dtype(dtype, manual_cast)
-    model = model_config.get_model(weights, device=offload_device)
-    missing, unexpected = load_into(model.diffusion_model, weights, path, f"the detected {variant.name} UNet")
-    if missing or unexpected:
-        raise VeloxLoadError(path, f"weights do not fit the detected {variant.name} (missing {missing[:4]}, "
-                             f"unexpected {unexpected[:4]})", "a complete VideoCrafter / DynamiCrafter checkpoint")
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    return build_unet(weights, weights, variant, path, dtype, quantized=False)
+
+
+def build_unet(shapes: dict, state_dict: dict, variant: VideoCrafterVariant, path=None,
+               dtype: torch.dtype | None = None, quantization: str = "none", compute: str = "dequant",
+               quantized: bool = True) -> comfy.model_patcher.ModelPatcher:
+    """The build step: the UNet (+ Resampler) as a MODEL through the families' ``build_patcher``."""
+    return build_patcher(VIDEOCRAFTER, VideoCrafterModelConfig(variant), shapes, state_dict, path,
+                         f"the detected {variant.name} UNet", dtype, quantization, compute, quantized=quantized,
+                         expected="a complete VideoCrafter / DynamiCrafter checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------- VAE

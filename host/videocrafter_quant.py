@@ -9,9 +9,9 @@ Two GGUF layouts load:
 - a UNet alone (keys bare or under ``model.diffusion_model.`` / ``diffusion_model.``), city96's
   "UNet only" pattern: MODEL alone, the rest from the release file or core's loaders.
 
-The build follows ``videocrafter_loading.build_videocrafter_model`` with the changes of
-``quant_models`` (Sana, Wan): detection reads ``detection_view``'s logical shapes, the packed records
-go back under the UNet's names (renames only) and the model gets our ``operations``.
+``videocrafter_loading.build_videocrafter_unet`` builds float and quantized UNets in one pass (detection
+reads ``detection_view``'s logical shapes, the packed records go back under the UNet's names, renames
+only, and a quantized model gets our ``operations``); this file holds what only quantized files need.
 """
 
 from __future__ import annotations
@@ -19,32 +19,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-import comfy.model_patcher
 import torch
 
 from ..errors import VeloxLoadError
 from ..loaders.families import VIDEOCRAFTER, family_by_architecture
-from ..loaders.videocrafter_detect import EXPECTED, PREFIXES, VideoCrafterVariant
-from .model_build import build_patcher
-from .quant_loading import Weights, densify_non_matrices, is_gguf, restore_packed
+from ..loaders.videocrafter_detect import EXPECTED, PREFIXES
+from .quant_loading import Weights, is_gguf
 from .quant_tensor import PackedWeight
-from .videocrafter_model import VideoCrafterModelConfig
 
 ENCODER_PREFIXES = tuple(PREFIXES[c] for c in ("vae", "text", "vision"))  # built by core, never packed
-
-
-def build_quantized_videocrafter(unet: Mapping[str, torch.Tensor], lookup, variant: VideoCrafterVariant,
-                                 path: str | Path | None = None, dtype: torch.dtype | None = None,
-                                 quantization: str = "none", compute: str = "dequant"
-                                 ) -> comfy.model_patcher.ModelPatcher:
-    """The UNet (+ Resampler) as a ComfyUI MODEL on quantized operations.
-
-    unet: ``videocrafter_loading.unet_weights`` of the detection view (meta proxies for packed
-    weights); lookup: ``detection_view``'s, to put the packed records back.
-    """
-    state_dict = densify_non_matrices(restore_packed(unet, lookup, path))
-    return build_patcher(VIDEOCRAFTER, VideoCrafterModelConfig(variant), unet, state_dict, path, variant.name,
-                         dtype, quantization, compute, label=f"{variant.name} UNet")
 
 
 def dense_encoders(weights: Weights) -> dict[str, torch.Tensor]:
@@ -54,14 +37,17 @@ def dense_encoders(weights: Weights) -> dict[str, torch.Tensor]:
             for k, v in weights.items() if k.startswith(ENCODER_PREFIXES)}
 
 
-def refuse_foreign_gguf(path: str | Path) -> None:
+def refuse_foreign_gguf(path: str | Path, metadata: Mapping[str, object] | None = None) -> None:
     """A GGUF whose ``general.architecture`` names another family Velox knows: refused by name, before
-    any shape is read (a Wan or Sana file, a text encoder)."""
+    any shape is read (a Wan or Sana file, a text encoder). metadata: the GGUF's, when already read."""
     if not is_gguf(path):
         return
-    from ..loaders.gguf_reader import read_gguf
+    if metadata is None:
+        from ..loaders.gguf_reader import read_gguf
 
-    architecture = read_gguf(path).architecture
+        metadata = read_gguf(path).metadata
+    architecture = metadata.get("general.architecture")
+    architecture = architecture if isinstance(architecture, str) else None
     family = family_by_architecture(architecture)
     if family is not None and family is not VIDEOCRAFTER:
         raise VeloxLoadError(path, f"this GGUF holds a {family.name} model (general.architecture {architecture!r}), "

@@ -32,8 +32,7 @@ from ..loaders.checkpoint_files import (
     resolve_diffusers_component,
     resolve_hf_cache_repo,
 )
-from ..loaders.state_dict_fit import load_into
-from ..loaders.wan_detect import WanVariant, sniff_wan, wan_core_config
+from ..loaders.wan_detect import sniff_wan
 from ..loaders.wan_vae_keys import canonicalize_wan_vae_state_dict
 from .gguf_text_weights import (
     clip_devices,
@@ -45,7 +44,8 @@ from .gguf_text_weights import (
     spiece_tensor,
 )
 from .model_paths import HF_CACHE_PREFIX
-from .quant_loading import has_quantized_layers, is_gguf, read_weights
+from .quant_loading import is_gguf, read_weights
+from .wan_model import build_wan_from_weights, build_wan_model
 
 # Wan 2.2 A14B expert folders, (high noise = sigma above the boundary, low noise): diffusers, official
 EXPERT_FOLDER_PAIRS = (("transformer", "transformer_2"), ("high_noise_model", "low_noise_model"))
@@ -86,13 +86,8 @@ def load_wan_model(
     pair = _expert_folders(path)
     component = pair[EXPERTS.index(expert)] if pair else "transformer"
     weights, config = read_weights(path, component)
-    if quantization != "none" or has_quantized_layers(weights):
-        from .quant_models import build_quantized_wan
-
-        return build_quantized_wan(weights, path, dtype, quantization, quant_compute, diffusers_config=config)
-    variant, canonical = sniff_wan(weights, path)
-    return build_wan_model(canonical, variant, path, dtype=dtype, model_options=model_options,
-                           diffusers_config=config)
+    return build_wan_from_weights(weights, path, dtype, quantization, quant_compute, diffusers_config=config,
+                                  model_options=model_options)
 
 
 def load_wan_experts(
@@ -120,59 +115,6 @@ def _expert_folders(path: Path) -> tuple[str, str] | None:
     if not path.is_dir():
         return None
     return next((pair for pair in EXPERT_FOLDER_PAIRS if all((path / name).is_dir() for name in pair)), None)
-
-
-def build_wan_model(
-    state_dict: dict[str, torch.Tensor], variant: WanVariant, path: str | Path | None = None,
-    dtype: torch.dtype | None = None, model_options: dict | None = None, diffusers_config: dict | None = None,
-) -> comfy.model_patcher.ModelPatcher:
-    """Canonical (official-name) Wan weights -> core's model, every parameter checked to be filled.
-
-    Core's detection fixes ``text_dim`` (4096), ``freq_dim`` (256) and the head count (dim // 128);
-    the model is built through core's own supported-model config (WAN21_T2V / WAN21_I2V / WAN21_Vace /
-    ...) with those set as the weights, or their config.json, have them (``wan_core_config``): still
-    core's WanModel, only the config differs.
-    """
-    options = dict(model_options or {})
-    if dtype is not None:
-        options["dtype"] = dtype
-    patcher = _build_on_core(dict(state_dict), wan_core_config(state_dict, diffusers_config, path), options,
-                             path, variant.describe())
-    if patcher is None:
-        raise VeloxLoadError(path, f"ComfyUI could not build {variant.describe()}", "a Wan transformer core knows")
-    expected = set(patcher.model.diffusion_model.state_dict())
-    missing = sorted(expected - set(state_dict))
-    if missing:
-        raise VeloxLoadError(path, f"weights do not fill {variant.describe()}: {len(missing)} tensor(s) "
-                             f"missing, e.g. {missing[:4]}", "a complete Wan transformer checkpoint")
-    logging.info("Velox: %s loaded from %s", variant.describe(), path or "state dict")
-    return patcher
-
-
-def _build_on_core(
-    state_dict: dict[str, torch.Tensor], fields: dict[str, int], options: dict, path, what: str
-) -> comfy.model_patcher.ModelPatcher | None:
-    """What ``comfy.sd.load_diffusion_model_state_dict`` does for official names, with core's detected
-    supported-model config told ``fields``; a tensor that does not fit is a VeloxLoadError."""
-    model_config = comfy.model_detection.model_config_from_unet(state_dict, "")
-    if model_config is None:
-        return None
-    model_config.unet_config.update(fields)
-    load_device = comfy.model_management.get_torch_device()
-    offload_device = comfy.model_management.unet_offload_device()
-    supported = list(model_config.supported_inference_dtypes)
-    unet_dtype = options.get("dtype") or comfy.model_management.unet_dtype(
-        model_params=comfy.utils.calculate_parameters(state_dict), supported_dtypes=supported,
-        weight_dtype=comfy.utils.weight_dtype(state_dict))
-    manual_cast_dtype = comfy.model_management.unet_manual_cast(unet_dtype, load_device, supported)
-    model_config.set_inference_dtype(unet_dtype, manual_cast_dtype)
-    model_config.custom_operations = options.get("custom_operations", model_config.custom_operations)
-    if options.get("fp8_optimizations", False):
-        model_config.optimizations["fp8"] = True
-    model = model_config.get_model(state_dict, "").to(offload_device)
-    load_into(model.diffusion_model, state_dict, path, what,
-              load=lambda: model.load_model_weights(dict(state_dict), ""))
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -222,6 +222,25 @@ def unwrap_state_dict(obj: object, path: str | Path | None = None) -> dict[str, 
     return tensors
 
 
+DIFFUSION_MODEL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # ComfyUI's, every family's
+
+
+def strip_diffusion_model_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors under ComfyUI's ``model.diffusion_model.`` / ``diffusion_model.`` prefix, unprefixed
+    (a ComfyUI checkpoint may bundle a VAE and text encoder beside them); else all, unchanged."""
+    for prefix in DIFFUSION_MODEL_PREFIXES:
+        selected = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if selected:
+            return selected
+    return dict(state_dict)
+
+
+def diffusion_model_weights(obj: object, path: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """A checkpoint's diffusion-model tensors: wrappers peeled (``unwrap_state_dict``), ComfyUI's prefix
+    stripped (``strip_diffusion_model_prefix``). The format's part of every family's load."""
+    return strip_diffusion_model_prefix(unwrap_state_dict(obj, path))
+
+
 # ----------------------------------------------------------------------------------------------
 # diffusers folders
 # ----------------------------------------------------------------------------------------------

@@ -91,6 +91,13 @@ class Family:
             return False
         return not any(f.refines == self.name and f.marks(keys) for f in FAMILIES.values())
 
+    def check(self, keys: Iterable[str], path: str | Path | None, expected: str) -> None:
+        """The family step of a load: pass when the keys are this family's (``marks``), else raise
+        VeloxLoadError naming what the checkpoint looks like (``refuse_foreign``)."""
+        keys = list(keys)
+        if not self.marks(keys):
+            refuse_foreign(keys, self, path, expected)
+
     def keeps_float(self, name: str) -> bool:
         return self._keep_float is not None and self._keep_float.search(name) is not None
 

@@ -20,9 +20,9 @@ import torch
 
 from ..errors import VeloxLoadError
 from ..models.sana import SANA_PRESETS, SanaConfig
-from .checkpoint_files import read_component, unwrap_state_dict
-from .families import SANA, foreign_signs, refuse_foreign
-from .sana_keys import canonicalize_sana_state_dict, strip_sana_prefix
+from .checkpoint_files import diffusion_model_weights, read_component
+from .families import SANA, foreign_signs
+from .sana_keys import canonicalize_sana_state_dict
 
 DIFFUSERS_CLASS = SANA.diffusers_class
 SANA_MARKERS = SANA.markers
@@ -60,16 +60,29 @@ def sniff_sana(
     user's preset choice) is given: those win on what shapes cannot show (cross-attention heads,
     PE of a diffusers file) and must agree with what they do show.
     """
-    raw = strip_sana_prefix(unwrap_state_dict(raw_state_dict, path))
+    raw = diffusion_model_weights(raw_state_dict, path)
     check_is_sana(raw, path)
     state_dict = canonicalize_sana_state_dict(raw, path)
-    detected = detect_sana_config(state_dict, pos_embed=raw.get("pos_embed"), path=path)
+    return sana_config(state_dict, raw.get("pos_embed"), path, diffusers_config, config), state_dict
+
+
+def sana_config(
+    canonical: Mapping[str, torch.Tensor],
+    pos_embed: torch.Tensor | None = None,
+    path: str | Path | None = None,
+    diffusers_config: Mapping | None = None,
+    config: SanaConfig | None = None,
+) -> SanaConfig:
+    """The config step of a load: the config of canonical weights, from their shapes and the official
+    ``pos_embed`` buffer (None when the file had none), unless a diffusers ``config.json`` dict or an
+    explicit ``config`` is given (see ``sniff_sana``)."""
+    detected = detect_sana_config(canonical, pos_embed=pos_embed, path=path)
     diffusers_config = _sana_config_only(diffusers_config)
     if config is None and diffusers_config is not None:
         config = config_from_diffusers(diffusers_config)
-    if config is None and "pos_embed" not in raw:
+    if config is None and pos_embed is None:
         logging.warning(PE_UNKNOWN_WARNING, Path(path).name if path else "<state dict>")
-    return (detected if config is None else _reconcile(config, detected, path)), state_dict
+    return detected if config is None else _reconcile(config, detected, path)
 
 
 def _sana_config_only(diffusers_config: Mapping | None) -> Mapping | None:
@@ -81,8 +94,7 @@ def _sana_config_only(diffusers_config: Mapping | None) -> Mapping | None:
 
 def check_is_sana(state_dict: Mapping[str, torch.Tensor], path: str | Path | None = None) -> None:
     """Raise VeloxLoadError naming what the checkpoint looks like when it is not a Sana transformer."""
-    if not SANA.marks(state_dict):
-        refuse_foreign(state_dict, SANA, path, SANA_EXPECTED)
+    SANA.check(state_dict, path, SANA_EXPECTED)
 
 
 def detect_sana_config(

@@ -17,8 +17,11 @@ from pathlib import Path
 import torch
 
 from ..errors import VeloxLoadError
+from .checkpoint_files import DIFFUSION_MODEL_PREFIXES, strip_diffusion_model_prefix
 
-SANA_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+# ComfyUI's prefixes, stripped by the one implementation every family uses
+SANA_PREFIXES = DIFFUSION_MODEL_PREFIXES
+strip_sana_prefix = strip_diffusion_model_prefix
 
 # Buffers and training-only tensors that no inference layout needs.
 DROPPED_KEYS = frozenset({"pos_embed", "patch_embed.pos_embed", "y_embedder.y_embedding",
@@ -90,16 +93,6 @@ _OFFICIAL_KEY = re.compile("^(?:" + "|".join(OFFICIAL_KEY_PATTERNS) + ")$")
 _DIFFUSERS_BLOCK_KEY = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
 _SQUEEZED_1X1 = re.compile(r"^blocks\.\d+\.mlp\.(inverted_conv|point_conv)\.conv\.weight$")
 _LEAVES = ("weight", "bias")
-
-
-def strip_sana_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors under ComfyUI's ``model.diffusion_model.`` / ``diffusion_model.`` prefix, unprefixed
-    (a ComfyUI checkpoint may bundle a VAE and text encoder beside them); else all, unchanged."""
-    for prefix in SANA_PREFIXES:
-        selected = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        if selected:
-            return selected
-    return dict(state_dict)
 
 
 def is_dropped_key(key: str) -> bool:

@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 
 from ..errors import VeloxLoadError
+from .checkpoint_files import DIFFUSION_MODEL_PREFIXES, strip_diffusion_model_prefix
 
-WAN_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+WAN_PREFIXES = DIFFUSION_MODEL_PREFIXES  # ComfyUI's
+strip_wan_prefix = strip_diffusion_model_prefix
 
 # diffusers module path -> official module path, outside the blocks
 TOP_LEVEL_RENAMES: dict[str, str] = {
@@ -67,16 +69,6 @@ BLOCK_RENAMES: dict[str, str] = {
 # keys only a diffusers file has / only an official (or ComfyUI) file has
 DIFFUSERS_MARKERS = ("condition_embedder.time_proj.weight", "blocks.0.attn1.to_q.weight")
 _BLOCK_KEY = re.compile(r"^((?:vace_)?blocks\.\d+)\.(.+)$")
-
-
-def strip_wan_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors under ComfyUI's ``model.diffusion_model.`` / ``diffusion_model.`` prefix, unprefixed
-    (a ComfyUI checkpoint may bundle other models beside them); else all, unchanged."""
-    for prefix in WAN_PREFIXES:
-        selected = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        if selected:
-            return selected
-    return dict(state_dict)
 
 
 def is_diffusers_wan(state_dict: Mapping[str, torch.Tensor]) -> bool:
