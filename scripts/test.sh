@@ -67,7 +67,10 @@ newer_host() {  # newer_host TARBALL: the tiers that depend on the host, on a se
   local tarball=$1 name venv host
   name=$(basename "$tarball" .tar.gz)
   venv=$ROOT/.venv-$name
-  host=$(VELOX_VENV=$venv VELOX_HOST_TARBALL=$tarball bash scripts/provision.sh | tail -n 1) || return 1
+  # COMFYUI_PATH (exported above for the default host) would win over the tarball in provision.sh
+  host=$(env -u COMFYUI_PATH VELOX_VENV="$venv" VELOX_HOST_TARBALL="$tarball" bash scripts/provision.sh | tail -n 1) \
+    || return 1
+  echo "== $name: ComfyUI $(host_version "$host") at $host"
   run_tier "ComfyUI imports the pack ($name)" import_check "$host" "$venv"
   run_tier "browser tier ($name)" env COMFYUI_PATH="$host" "$venv/bin/python" -P -m pytest -m browser -q -rs tests/browser
   local front; front=$(frontend_root "$NEWEST_FRONTEND") || { FAILED_TIERS+=("frontend $NEWEST_FRONTEND install"); return; }
