@@ -42,6 +42,7 @@ import torch
 from ..errors import VeloxLoadError
 from ..loaders.lora_detect import FAMILY_NAMES, lora_family
 from ..sampling.videocrafter_ddim import VideoDiffusionSchedule, alphas_cumprod, scale_array
+from .kitchen_autograd import enable_kitchen_autograd
 
 UNET_PREFIX = "diffusion_model."
 TRAIN_TIMESTEPS = 1000
@@ -535,6 +536,7 @@ def train_lora(patcher, samples: Sequence[Sample], config: TrainConfig, family: 
     ops mid-step) is re-raised as ``TrainingInterrupted`` carrying the LoRA of the last whole step."""
     import comfy.model_management
 
+    enable_kitchen_autograd()
     with torch.inference_mode(False):
         comfy.model_management.load_models_gpu([patcher], force_full_load=True)
         device = comfy.model_management.get_torch_device()
@@ -562,6 +564,7 @@ def train_lora_experts(high_noise, low_noise, samples: Sequence[Sample], config:
     if config.expert != "all":
         raise ValueError(f"expert {config.expert!r}: with both experts given, each trains on its own side of "
                          "the boundary; set expert to 'all'")
+    enable_kitchen_autograd()
     with torch.inference_mode(False):
         comfy.model_management.load_models_gpu([high_noise, low_noise], force_full_load=True)
         device = comfy.model_management.get_torch_device()
