@@ -458,6 +458,7 @@ def make_optimizer(lora: TrainableLora | Sequence[TrainableLora], config: TrainC
 def training_step(predict: Callable, optimizer: torch.optim.Optimizer,
                   batches: Sequence[FlowBatch | DiffusionBatch]) -> float:
     """One optimizer step over ``len(batches)`` accumulated micro-batches; returns the mean loss."""
+    enable_kitchen_autograd()  # core 0.8.0's Wan RoPE (once; a no-op after the first call)
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
     for batch in batches:
