@@ -45,14 +45,14 @@ def split_variant(variant: str) -> tuple[str, str | None]:
     return weights, attention or None
 
 
-def random_state_dict() -> dict[str, torch.Tensor]:
-    """bf16 weights of Wan-14B's shapes with sane scales (1/sqrt(fan_in), norms at 1)."""
+def random_state_dict(config: dict = WAN_14B) -> dict[str, torch.Tensor]:
+    """bf16 weights of the Wan ``config``'s shapes (default 14B) with sane scales (1/sqrt(fan_in), norms at 1)."""
     import comfy.ldm.wan.model
     import comfy.ops
 
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in comfy.ldm.wan.model.WanModel(
-            **WAN_14B, operations=comfy.ops.disable_weight_init).state_dict().items()}
+            **config, operations=comfy.ops.disable_weight_init).state_dict().items()}
     g = torch.Generator("cuda").manual_seed(0)
     state = {}
     for key, shape in shapes.items():
