@@ -54,9 +54,9 @@ class SanaModelConfig(comfy.supported_models_base.BASE):
         return SanaModel(self, device=device)
 
 
-class SanaModel(comfy.model_base.BaseModel):
-    def __init__(self, model_config, model_type=comfy.model_base.ModelType.FLOW, device=None):
-        super().__init__(model_config, model_type, device=device, unet_model=SanaTransformer)
+class SanaFamilyModel(comfy.model_base.BaseModel):
+    """What the BaseModels of Sana and SANA-Video share: a pure-PyTorch transformer, and Gemma's
+    attention mask passed on as its ``context_mask``."""
 
     def get_dtype(self):
         # core models keep a .dtype attribute; ours is pure PyTorch, so ask its weights
@@ -67,6 +67,15 @@ class SanaModel(comfy.model_base.BaseModel):
         mask = kwargs.get("attention_mask", None)
         if mask is not None:
             out["context_mask"] = comfy.conds.CONDRegular(mask)
+        return out
+
+
+class SanaModel(SanaFamilyModel):
+    def __init__(self, model_config, model_type=comfy.model_base.ModelType.FLOW, device=None):
+        super().__init__(model_config, model_type, device=device, unet_model=SanaTransformer)
+
+    def extra_conds(self, **kwargs):
+        out = super().extra_conds(**kwargs)
         guidance = kwargs.get("guidance", None)
         if guidance is not None:
             out["guidance"] = comfy.conds.CONDRegular(torch.FloatTensor([guidance]))

@@ -39,6 +39,7 @@ from .quant_loading import (
     restore_packed,
     squeeze_packed_1x1,
 )
+from .sana_model import SanaFamilyModel
 
 # the VAE a variant was trained on -> ComfyUI latent format (LTX-2's own normalisation is not in core 0.3.75)
 LATENT_FORMATS = {"wan2.1": comfy.latent_formats.Wan21, "ltx2": comfy.latent_formats.LTXV}
@@ -59,20 +60,13 @@ class SanaVideoModelConfig(comfy.supported_models_base.BASE):
         return SanaVideoModel(self, device=device)
 
 
-class SanaVideoModel(comfy.model_base.BaseModel):
+class SanaVideoModel(SanaFamilyModel):
     def __init__(self, model_config, model_type=comfy.model_base.ModelType.FLOW, device=None):
         super().__init__(model_config, model_type, device=device, unet_model=SanaVideoTransformer)
         self.timestep_rounding = model_config.timestep_rounding
 
-    def get_dtype(self):
-        # core models keep a .dtype attribute; ours is pure PyTorch, so ask its weights
-        return next(self.diffusion_model.parameters()).dtype
-
     def extra_conds(self, **kwargs):
         out = super().extra_conds(**kwargs)
-        mask = kwargs.get("attention_mask", None)
-        if mask is not None:
-            out["context_mask"] = comfy.conds.CONDRegular(mask)
         denoise_mask = kwargs.get("denoise_mask", None)
         if denoise_mask is not None:
             out["denoise_mask"] = comfy.conds.CONDRegular(denoise_mask)

@@ -20,7 +20,6 @@ adapters later compute from them equals what core computes from the same file.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,8 +148,6 @@ def underscored(name: str) -> str:
 # aliases of a model's modules, per family
 # ----------------------------------------------------------------------------------------------
 
-_SANA_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
-
 
 def _wan_diffusers_names(module: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, int, int] | None]]:
     from .wan_keys import official_to_diffusers_key
@@ -160,18 +157,9 @@ def _wan_diffusers_names(module: str, shape: tuple[int, ...]) -> list[tuple[str,
 
 
 def _sana_diffusers_names(module: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, int, int] | None]]:
-    from .sana_keys import BLOCK_FUSIONS, BLOCK_RENAMES, TOP_LEVEL_RENAMES
+    from .sana_keys import SANA_KEY_MAP
 
-    block = _SANA_BLOCK.match(module)
-    if block is None:
-        return [(d, None) for d, o in TOP_LEVEL_RENAMES.items() if o == module and d != module]
-    index, inner = block.groups()
-    names = [(f"transformer_blocks.{index}.{d}", None) for d, o in BLOCK_RENAMES.items() if o == inner]
-    parts = BLOCK_FUSIONS.get(inner, ())
-    if parts:
-        rows = shape[0] // len(parts)
-        names += [(f"transformer_blocks.{index}.{part}", (0, i * rows, rows)) for i, part in enumerate(parts)]
-    return names
+    return SANA_KEY_MAP.lora_diffusers_names(module, shape)
 
 
 def _no_diffusers_names(module: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, int, int] | None]]:

@@ -5,7 +5,8 @@ Layouts read: official (``blocks.N.attn.qkv`` ..., `.pth` or safetensors), diffu
 ``guidance_embedder``), diffusers legacy (``adaln_single.*``, ``pos_embed.proj.*``), and any of
 those under ComfyUI's ``model.diffusion_model.`` / ``diffusion_model.`` prefix. Diffusers'
 separate q/k/v become the official fused ``qkv`` / ``kv_linear``; 4-D 1x1 conv weights of the
-Mix-FFN become the 2-D weights of ``models.sana``'s Linear layers.
+Mix-FFN become the 2-D weights of ``models.sana``'s Linear layers. The tables are this module's; the
+mapping that reads them is ``fused_key_map.FusedKeyMap``, which SANA-Video's key map shares.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from ..errors import VeloxLoadError
 from .checkpoint_files import DIFFUSION_MODEL_PREFIXES, strip_diffusion_model_prefix
+from .fused_key_map import FusedKeyMap
 
 # ComfyUI's prefixes, stripped by the one implementation every family uses
 SANA_PREFIXES = DIFFUSION_MODEL_PREFIXES
@@ -90,105 +92,53 @@ OFFICIAL_KEY_PATTERNS = (
     r"blocks\.\d+\.mlp\.point_conv\.conv\.weight",
 )
 _OFFICIAL_KEY = re.compile("^(?:" + "|".join(OFFICIAL_KEY_PATTERNS) + ")$")
-_DIFFUSERS_BLOCK_KEY = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
-_SQUEEZED_1X1 = re.compile(r"^blocks\.\d+\.mlp\.(inverted_conv|point_conv)\.conv\.weight$")
-_LEAVES = ("weight", "bias")
-
-
-def is_dropped_key(key: str) -> bool:
-    """Buffers (``pos_embed``, the null caption) and training-only tensors (``logvar_linear``)."""
-    return key in DROPPED_KEYS or key.startswith(DROPPED_PREFIXES)
 
 
 def is_official_key(key: str) -> bool:
     return _OFFICIAL_KEY.match(key) is not None
 
 
+SANA_KEY_MAP = FusedKeyMap(
+    layout="Sana",
+    expected="official (blocks.N.attn.qkv ...) or diffusers (transformer_blocks.N.attn1.to_q ...) names",
+    top_level_renames=TOP_LEVEL_RENAMES,
+    block_renames=BLOCK_RENAMES,
+    block_fusions=BLOCK_FUSIONS,
+    dropped_keys=DROPPED_KEYS,
+    dropped_prefixes=DROPPED_PREFIXES,
+    is_official=is_official_key,
+)
+is_dropped_key = SANA_KEY_MAP.is_dropped
+
+
 def canonicalize_sana_state_dict(
     state_dict: Mapping[str, torch.Tensor], path: str | Path | None = None
 ) -> dict[str, torch.Tensor]:
-    """Any supported Sana layout -> official names, 2-D 1x1 Mix-FFN weights, buffers dropped.
-
-    Raises VeloxLoadError naming the first keys that match no layout, or a missing q/k/v part.
-    """
-    out: dict[str, torch.Tensor] = {}
-    parts: dict[tuple[int, str, str], dict[str, torch.Tensor]] = {}
-    unknown: list[str] = []
-    for key, tensor in strip_sana_prefix(state_dict).items():
-        if is_dropped_key(key):
-            continue
-        fused = _fusion_part(key)
-        if fused is not None:
-            index, target, part, leaf = fused
-            parts.setdefault((index, target, leaf), {})[part] = tensor
-            continue
-        official = key if is_official_key(key) else _rename(key)
-        if official is None:
-            unknown.append(key)
-        else:
-            out[official] = tensor
-    if unknown:
-        raise VeloxLoadError(
-            path, f"{len(unknown)} tensor(s) match no Sana layout: {', '.join(sorted(unknown)[:6])}",
-            "official (blocks.N.attn.qkv ...) or diffusers (transformer_blocks.N.attn1.to_q ...) names",
-        )
-    out.update(_fuse(parts, path))
-    return {k: _squeeze_1x1(k, v) for k, v in out.items()}
-
-
-def _split_leaf(key: str) -> tuple[str, str]:
-    """``attn1.to_out.0.weight`` -> (``attn1.to_out.0``, ``.weight``); a bare parameter keeps ''."""
-    module, _, leaf = key.rpartition(".")
-    return (module, "." + leaf) if module and leaf in _LEAVES else (key, "")
-
-
-def _rename(key: str) -> str | None:
-    match = _DIFFUSERS_BLOCK_KEY.match(key)
-    if match is not None:
-        module, leaf = _split_leaf(match.group(2))
-        target = BLOCK_RENAMES.get(module)
-        return None if target is None else f"blocks.{match.group(1)}.{target}{leaf}"
-    module, leaf = _split_leaf(key)
-    target = TOP_LEVEL_RENAMES.get(module)
-    return None if target is None else target + leaf
-
-
-_PART_TO_FUSION = {part: target for target, part_names in BLOCK_FUSIONS.items() for part in part_names}
-
-
-def _fusion_part(key: str) -> tuple[int, str, str, str] | None:
-    """``transformer_blocks.3.attn1.to_k.weight`` -> (3, ``attn.qkv``, ``attn1.to_k``, ``.weight``)."""
-    match = _DIFFUSERS_BLOCK_KEY.match(key)
-    if match is None:
-        return None
-    module, leaf = _split_leaf(match.group(2))
-    target = _PART_TO_FUSION.get(module)
-    return None if target is None else (int(match.group(1)), target, module, leaf)
-
-
-def _fuse(parts: dict[tuple[int, str, str], dict[str, torch.Tensor]], path) -> dict[str, torch.Tensor]:
-    fused = {}
-    for (index, target, leaf), found in sorted(parts.items()):
-        names = BLOCK_FUSIONS[target]
-        missing = [n for n in names if n not in found]
-        if missing:
-            raise VeloxLoadError(
-                path, f"transformer_blocks.{index}.{missing[0]}{leaf} is missing",
-                f"all of {', '.join(n + leaf for n in names)} for blocks.{index}.{target}",
-            )
-        fused[f"blocks.{index}.{target}{leaf}"] = torch.cat([found[n] for n in names], dim=0)
-    return fused
-
-
-def _squeeze_1x1(key: str, tensor: torch.Tensor) -> torch.Tensor:
-    if tensor.ndim == 4 and _SQUEEZED_1X1.match(key):
-        return tensor.flatten(1)
-    return tensor
+    """Any supported Sana layout -> official names, 2-D 1x1 Mix-FFN weights, buffers dropped
+    (``FusedKeyMap.canonicalize``, which names in a VeloxLoadError what it cannot map)."""
+    return SANA_KEY_MAP.canonicalize(strip_sana_prefix(state_dict), path)
 
 
 # ----------------------------------------------------------------------------------------------
 # official -> diffusers (for writing test and demo checkpoints)
 # ----------------------------------------------------------------------------------------------
+
+
+def diffusers_dimensions(config: Any) -> dict[str, Any]:
+    """The config.json entries that diffusers' ``SanaTransformer2DModel`` and ``SanaVideoTransformer3DModel``
+    derive alike from a ``SanaConfig`` or ``SanaVideoConfig`` (widths, depth, head counts), in diffusers' order."""
+    return {
+        "in_channels": config.in_channels,
+        "out_channels": config.out_channels,
+        "num_attention_heads": config.hidden_size // config.linear_head_dim,
+        "attention_head_dim": config.linear_head_dim,
+        "num_layers": config.depth,
+        "num_cross_attention_heads": config.num_heads,
+        "cross_attention_head_dim": config.hidden_size // config.num_heads,
+        "cross_attention_dim": config.hidden_size,
+        "caption_channels": config.caption_channels,
+        "mlp_ratio": config.mlp_ratio,
+    }
 
 _LEGACY_TOP_LEVEL = {
     "x_embedder.proj": "pos_embed.proj",
@@ -204,8 +154,6 @@ _CURRENT_TOP_LEVEL = {
     official: diffusers for diffusers, official in TOP_LEVEL_RENAMES.items()
     if not diffusers.startswith(("adaln_single.", "pos_embed.", "time_embed.timestep_embedder."))
 }
-_BLOCK_REVERSE = {official: diffusers for diffusers, official in BLOCK_RENAMES.items()}
-_UNSQUEEZED_1X1 = ("mlp.inverted_conv.conv.weight", "mlp.point_conv.conv.weight")
 
 
 def official_to_diffusers(
@@ -218,25 +166,4 @@ def official_to_diffusers(
         top_level.update(_SPRINT_TOP_LEVEL)
     if legacy:
         top_level.update(_LEGACY_TOP_LEVEL)
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in state_dict.items():
-        if is_dropped_key(key):
-            continue
-        match = re.match(r"^blocks\.(\d+)\.(.+)$", key)
-        if match is None:
-            module, leaf = _split_leaf(key)
-            out[top_level[module] + leaf] = tensor
-        else:
-            out.update(_block_to_diffusers(int(match.group(1)), match.group(2), tensor))
-    return out
-
-
-def _block_to_diffusers(index: int, rest: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-    prefix = f"transformer_blocks.{index}."
-    module, leaf = _split_leaf(rest)
-    if module in BLOCK_FUSIONS:
-        names = BLOCK_FUSIONS[module]
-        return {prefix + n + leaf: t.clone() for n, t in zip(names, tensor.chunk(len(names), dim=0))}
-    if rest.endswith(_UNSQUEEZED_1X1) and tensor.ndim == 2:
-        tensor = tensor[:, :, None, None]
-    return {prefix + _BLOCK_REVERSE[module] + leaf: tensor}
+    return SANA_KEY_MAP.to_diffusers(state_dict, top_level)

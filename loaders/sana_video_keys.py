@@ -5,7 +5,8 @@ Layouts read: official (``blocks.N.attn.qkv``, ``blocks.N.mlp.t_conv`` ..., the 
 ``ff.conv_temp`` ...), either under ComfyUI's ``model.diffusion_model.`` / ``diffusion_model.`` prefix. The
 renames follow diffusers' ``scripts/convert_sana_video_to_diffusers.py``: diffusers' separate q/k/v become the
 official fused ``qkv`` / ``kv_linear``, and the 4-D 1x1 conv weights of the Mix-FFN become the 2-D weights
-of ``models.sana_video``'s Linear layers.
+of ``models.sana_video``'s Linear layers. The tables are this module's (its blocks' built on Sana's); the
+mapping that reads them is ``fused_key_map.FusedKeyMap``, shared with image Sana.
 
 ``detect_sana_video`` needs only key names and shapes (a state dict, or safetensors header shapes), so a
 file can be recognised before its tensors are read. What the weights cannot show is taken from the
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,10 +26,15 @@ import torch
 
 from ..errors import VeloxLoadError
 from ..models.sana_video import SANA_VIDEO_PRESETS, SanaVideoConfig
-from .checkpoint_files import unwrap_state_dict
+from .checkpoint_files import DIFFUSION_MODEL_PREFIXES, strip_diffusion_model_prefix, unwrap_state_dict
 from .families import SANA_VIDEO, refuse_foreign
+from .fused_key_map import OFFICIAL_BLOCK_KEY, FusedKeyMap, split_leaf
+from .sana_keys import BLOCK_FUSIONS, diffusers_dimensions
+from .sana_keys import BLOCK_RENAMES as SANA_BLOCK_RENAMES
 
-SANA_VIDEO_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+# ComfyUI's prefixes, stripped by the one implementation every family uses
+SANA_VIDEO_PREFIXES = DIFFUSION_MODEL_PREFIXES
+strip_sana_video_prefix = strip_diffusion_model_prefix
 DIFFUSERS_CLASS = SANA_VIDEO.diffusers_class
 SANA_VIDEO_EXPECTED = (
     "a SANA-Video transformer: official keys such as x_embedder.proj.weight (5-D), blocks.0.attn.qkv.weight, "
@@ -53,27 +58,10 @@ TOP_LEVEL_RENAMES: dict[str, str] = {
     "scale_shift_table": "final_layer.scale_shift_table",
 }
 
-# inside transformer_blocks.N (diffusers) -> inside blocks.N (official)
-BLOCK_RENAMES: dict[str, str] = {
-    "scale_shift_table": "scale_shift_table",
-    "attn1.norm_q": "attn.q_norm",
-    "attn1.norm_k": "attn.k_norm",
-    "attn1.to_out.0": "attn.proj",
-    "attn2.to_q": "cross_attn.q_linear",
-    "attn2.norm_q": "cross_attn.q_norm",
-    "attn2.norm_k": "cross_attn.k_norm",
-    "attn2.to_out.0": "cross_attn.proj",
-    "ff.conv_inverted": "mlp.inverted_conv.conv",
-    "ff.conv_depth": "mlp.depth_conv.conv",
-    "ff.conv_point": "mlp.point_conv.conv",
-    "ff.conv_temp": "mlp.t_conv",
-}
-
-# official fused projection <- diffusers parts, concatenated on dim 0 in this order
-BLOCK_FUSIONS: dict[str, tuple[str, ...]] = {
-    "attn.qkv": ("attn1.to_q", "attn1.to_k", "attn1.to_v"),
-    "cross_attn.kv_linear": ("attn2.to_k", "attn2.to_v"),
-}
+# inside transformer_blocks.N (diffusers) -> inside blocks.N (official): Sana's block (models/sana_video.py
+# reuses its attention modules and spatial Mix-FFN, so their q/k/v fuse alike: BLOCK_FUSIONS is Sana's too)
+# plus the temporal conv.
+BLOCK_RENAMES: dict[str, str] = {**SANA_BLOCK_RENAMES, "ff.conv_temp": "mlp.t_conv"}
 
 # Keys that make a checkpoint SANA-Video in either layout: the temporal conv no image Sana or Wan has,
 # and the 3-D patch embedding.
@@ -84,77 +72,10 @@ FALLBACK_HEAD_DIM = 32
 # (latent channels, patch) -> (VAE, diffusers sample_size): Wan 2.1 at 480p, LTX-2 at 720p
 VAE_BY_INPUT = {(16, (1, 2, 2)): ("wan2.1", 30), (128, (1, 1, 1)): ("ltx2", 22)}
 
-_DIFFUSERS_BLOCK_KEY = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
-_OFFICIAL_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
-_SQUEEZED_1X1 = ("mlp.inverted_conv.conv.weight", "mlp.point_conv.conv.weight")
-_LEAVES = ("weight", "bias")
-
 
 # ----------------------------------------------------------------------------------------------
 # any layout -> official
 # ----------------------------------------------------------------------------------------------
-
-
-def strip_sana_video_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """The entries under ComfyUI's ``model.diffusion_model.`` / ``diffusion_model.`` prefix, unprefixed;
-    else all, unchanged."""
-    for prefix in SANA_VIDEO_PREFIXES:
-        selected = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        if selected:
-            return selected
-    return dict(state_dict)
-
-
-def is_dropped_key(key: str) -> bool:
-    """Buffers (``pos_embed``, the null caption) and training-only tensors (``logvar_linear``)."""
-    return key in DROPPED_KEYS or key.startswith(DROPPED_PREFIXES)
-
-
-def canonicalize_sana_video_state_dict(
-    state_dict: Mapping[str, torch.Tensor], path: str | Path | None = None
-) -> dict[str, torch.Tensor]:
-    """Official or diffusers SANA-Video layout -> official names, 2-D 1x1 Mix-FFN weights, buffers dropped.
-
-    Raises VeloxLoadError naming the first keys that match no layout, or a missing q/k/v part.
-    """
-    out: dict[str, torch.Tensor] = {}
-    parts: dict[tuple[int, str, str], dict[str, torch.Tensor]] = {}
-    unknown: list[str] = []
-    for key, tensor in strip_sana_video_prefix(state_dict).items():
-        if is_dropped_key(key):
-            continue
-        fused = _fusion_part(key)
-        if fused is not None:
-            index, target, part, leaf = fused
-            parts.setdefault((index, target, leaf), {})[part] = tensor
-            continue
-        official = official_name(key)
-        if official is None:
-            unknown.append(key)
-        else:
-            out[official] = tensor
-    if unknown:
-        raise VeloxLoadError(
-            path, f"{len(unknown)} tensor(s) match no SANA-Video layout: {', '.join(sorted(unknown)[:6])}",
-            "official (blocks.N.attn.qkv, blocks.N.mlp.t_conv ...) or diffusers "
-            "(transformer_blocks.N.attn1.to_q, transformer_blocks.N.ff.conv_temp ...) names",
-        )
-    out.update(_fuse(parts, path))
-    return {k: _squeeze_1x1(k, v) for k, v in out.items()}
-
-
-def official_name(key: str) -> str | None:
-    """The official name of an official or (non-fused) diffusers key; None for an unknown key."""
-    if key in _OFFICIAL_TOP_LEVEL_KEYS or _is_official_block_key(key):
-        return key
-    match = _DIFFUSERS_BLOCK_KEY.match(key)
-    if match is not None:
-        module, leaf = _split_leaf(match.group(2))
-        target = BLOCK_RENAMES.get(module)
-        return None if target is None else f"blocks.{match.group(1)}.{target}{leaf}"
-    module, leaf = _split_leaf(key)
-    target = TOP_LEVEL_RENAMES.get(module)
-    return None if target is None else target + leaf
 
 
 _OFFICIAL_TOP_LEVEL_KEYS = frozenset(
@@ -164,96 +85,54 @@ _OFFICIAL_TOP_LEVEL_KEYS = frozenset(
 _OFFICIAL_BLOCK_MODULES = frozenset(BLOCK_RENAMES.values()) | frozenset(BLOCK_FUSIONS)
 
 
-def _is_official_block_key(key: str) -> bool:
-    match = _OFFICIAL_BLOCK_KEY.match(key)
-    return match is not None and _split_leaf(match.group(2))[0] in _OFFICIAL_BLOCK_MODULES
+def _is_official_key(key: str) -> bool:
+    if key in _OFFICIAL_TOP_LEVEL_KEYS:
+        return True
+    match = OFFICIAL_BLOCK_KEY.match(key)
+    return match is not None and split_leaf(match.group(2))[0] in _OFFICIAL_BLOCK_MODULES
 
 
-def _split_leaf(key: str) -> tuple[str, str]:
-    """``attn1.to_out.0.weight`` -> (``attn1.to_out.0``, ``.weight``); a bare parameter keeps ''."""
-    module, _, leaf = key.rpartition(".")
-    return (module, "." + leaf) if module and leaf in _LEAVES else (key, "")
+SANA_VIDEO_KEY_MAP = FusedKeyMap(
+    layout="SANA-Video",
+    expected="official (blocks.N.attn.qkv, blocks.N.mlp.t_conv ...) or diffusers "
+    "(transformer_blocks.N.attn1.to_q, transformer_blocks.N.ff.conv_temp ...) names",
+    top_level_renames=TOP_LEVEL_RENAMES,
+    block_renames=BLOCK_RENAMES,
+    block_fusions=BLOCK_FUSIONS,
+    dropped_keys=DROPPED_KEYS,
+    dropped_prefixes=DROPPED_PREFIXES,
+    is_official=_is_official_key,
+)
+is_dropped_key = SANA_VIDEO_KEY_MAP.is_dropped
+official_name = SANA_VIDEO_KEY_MAP.official_name
+# the registry's ``lora_names`` hook: official module -> the diffusers spellings of a LoRA
+lora_diffusers_names = SANA_VIDEO_KEY_MAP.lora_diffusers_names
 
 
-_PART_TO_FUSION = {part: target for target, part_names in BLOCK_FUSIONS.items() for part in part_names}
-
-
-def _fusion_part(key: str) -> tuple[int, str, str, str] | None:
-    """``transformer_blocks.3.attn1.to_k.weight`` -> (3, ``attn.qkv``, ``attn1.to_k``, ``.weight``)."""
-    match = _DIFFUSERS_BLOCK_KEY.match(key)
-    if match is None:
-        return None
-    module, leaf = _split_leaf(match.group(2))
-    target = _PART_TO_FUSION.get(module)
-    return None if target is None else (int(match.group(1)), target, module, leaf)
-
-
-def _fuse(parts: dict[tuple[int, str, str], dict[str, torch.Tensor]], path) -> dict[str, torch.Tensor]:
-    fused = {}
-    for (index, target, leaf), found in sorted(parts.items()):
-        names = BLOCK_FUSIONS[target]
-        missing = [n for n in names if n not in found]
-        if missing:
-            raise VeloxLoadError(
-                path, f"transformer_blocks.{index}.{missing[0]}{leaf} is missing",
-                f"all of {', '.join(n + leaf for n in names)} for blocks.{index}.{target}",
-            )
-        fused[f"blocks.{index}.{target}{leaf}"] = torch.cat([found[n] for n in names], dim=0)
-    return fused
-
-
-def _squeeze_1x1(key: str, tensor: torch.Tensor) -> torch.Tensor:
-    if tensor.ndim == 4 and key.endswith(_SQUEEZED_1X1):
-        return tensor.flatten(1)
-    return tensor
+def canonicalize_sana_video_state_dict(
+    state_dict: Mapping[str, torch.Tensor], path: str | Path | None = None
+) -> dict[str, torch.Tensor]:
+    """Official or diffusers SANA-Video layout -> official names, 2-D 1x1 Mix-FFN weights, buffers dropped
+    (``FusedKeyMap.canonicalize``, which names in a VeloxLoadError what it cannot map)."""
+    return SANA_VIDEO_KEY_MAP.canonicalize(strip_sana_video_prefix(state_dict), path)
 
 
 # ----------------------------------------------------------------------------------------------
 # official -> diffusers (for writing test and demo checkpoints)
 # ----------------------------------------------------------------------------------------------
 
-_TOP_LEVEL_REVERSE = {official: diffusers for diffusers, official in TOP_LEVEL_RENAMES.items()}
-_BLOCK_REVERSE = {official: diffusers for diffusers, official in BLOCK_RENAMES.items()}
-
 
 def sana_video_official_to_diffusers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Official names -> diffusers ``SanaVideoTransformer3DModel`` names: fused projections split, 1x1
     Mix-FFN weights 4-D, buffers dropped."""
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in state_dict.items():
-        if is_dropped_key(key):
-            continue
-        match = _OFFICIAL_BLOCK_KEY.match(key)
-        if match is None:
-            module, leaf = _split_leaf(key)
-            out[_TOP_LEVEL_REVERSE[module] + leaf] = tensor
-            continue
-        prefix = f"transformer_blocks.{match.group(1)}."
-        module, leaf = _split_leaf(match.group(2))
-        if module in BLOCK_FUSIONS:
-            names = BLOCK_FUSIONS[module]
-            out.update({prefix + n + leaf: t.clone() for n, t in zip(names, tensor.chunk(len(names), dim=0))})
-            continue
-        if key.endswith(_SQUEEZED_1X1) and tensor.ndim == 2:
-            tensor = tensor[:, :, None, None]
-        out[prefix + _BLOCK_REVERSE[module] + leaf] = tensor
-    return out
+    return SANA_VIDEO_KEY_MAP.to_diffusers(state_dict)
 
 
 def diffusers_config(config: SanaVideoConfig) -> dict[str, Any]:
     """``SanaVideoTransformer3DModel`` constructor arguments (its config.json) for ``config``."""
     return {
         "_class_name": DIFFUSERS_CLASS,
-        "in_channels": config.in_channels,
-        "out_channels": config.out_channels,
-        "num_attention_heads": config.hidden_size // config.linear_head_dim,
-        "attention_head_dim": config.linear_head_dim,
-        "num_layers": config.depth,
-        "num_cross_attention_heads": config.num_heads,
-        "cross_attention_head_dim": config.hidden_size // config.num_heads,
-        "cross_attention_dim": config.hidden_size,
-        "caption_channels": config.caption_channels,
-        "mlp_ratio": config.mlp_ratio,
+        **diffusers_dimensions(config),
         "attention_bias": False,
         "sample_size": config.sample_size,
         "patch_size": list(config.patch_size),
@@ -262,28 +141,6 @@ def diffusers_config(config: SanaVideoConfig) -> dict[str, Any]:
         "qk_norm": "rms_norm_across_heads" if config.qk_norm else None,
         "rope_max_seq_len": 1024,
     }
-
-
-# ----------------------------------------------------------------------------------------------
-# official module -> the diffusers spellings of a LoRA (the registry's ``lora_names`` hook)
-# ----------------------------------------------------------------------------------------------
-
-
-def lora_diffusers_names(module: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, int, int] | None]]:
-    """The diffusers module names a LoRA may use for official ``module`` (weight ``shape``), each with
-    the row range ``(dim, start, length)`` it owns of a fused projection (``attn.qkv`` <- to_q / to_k /
-    to_v, ``cross_attn.kv_linear`` <- to_k / to_v), else None."""
-    block = _OFFICIAL_BLOCK_KEY.match(module)
-    if block is None:
-        return [(d, None) for d, o in TOP_LEVEL_RENAMES.items() if o == module and d != module]
-    index, inner = block.groups()
-    names: list[tuple[str, tuple[int, int, int] | None]] = [
-        (f"transformer_blocks.{index}.{d}", None) for d, o in BLOCK_RENAMES.items() if o == inner]
-    parts = BLOCK_FUSIONS.get(inner, ())
-    if parts:
-        rows = shape[0] // len(parts)
-        names += [(f"transformer_blocks.{index}.{part}", (0, i * rows, rows)) for i, part in enumerate(parts)]
-    return names
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,7 +180,7 @@ def detect_sana_video(state_dict_keys_or_shapes: Mapping[str, Any] | Iterable[st
         return None
     shapes = {}
     for key, value in strip_sana_video_prefix(state_dict_keys_or_shapes).items():
-        fused = _fusion_part(key)
+        fused = SANA_VIDEO_KEY_MAP.fusion_part(key)
         name = official_name(key) if fused is None else f"blocks.{fused[0]}.{fused[1]}{fused[3]}"
         if name is not None:
             shapes[name] = _shape(value)

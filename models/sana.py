@@ -222,6 +222,30 @@ def text_mask_to_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return ((1 - mask.to(dtype)) * MASK_BIAS)[:, None, None, :]
 
 
+def batch_timesteps(timesteps: torch.Tensor | float, batch: int, device: torch.device) -> torch.Tensor:
+    """A scalar or (B,) timestep -> (B,) float32 on ``device``."""
+    return torch.as_tensor(timesteps, device=device).float().reshape(-1).expand(batch)
+
+
+def adaln_modulation(t_block: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """adaLN-single: (..., C) embedded timestep -> (..., 6, 1, C) modulation shared by all blocks, with
+    the "1 +" of both scales added here once instead of in every block. The leading dims are (B,), or
+    (B, Ft) for SANA-Video, whose latent frames may run at their own timesteps."""
+    lead, channels = t.shape[:-1], t.shape[-1]
+    t0 = t_block(t).view(*lead, 2, 3, 1, channels)
+    t0[..., 1, :, :] += 1  # rows 1 and 4: scale_msa, scale_mlp
+    return t0.view(*lead, 6, 1, channels)
+
+
+def embed_caption(y_embedder: nn.Module, y_norm: nn.Module, context: torch.Tensor, context_mask: torch.Tensor | None,
+                  dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Caption projection + y-norm, and the text mask as an additive bias: context (B, L, caption_channels),
+    context_mask (B, L) or None -> (B, L, C) caption, (B, 1, 1, L) bias on ``device`` or None."""
+    y = y_norm(y_embedder(context.to(dtype)))
+    mask_bias = None if context_mask is None else text_mask_to_bias(context_mask.to(device), dtype)
+    return y, mask_bias
+
+
 def control_residuals(control: dict | None, tokens_shape: torch.Size) -> list | None:
     """The per-block residuals of a Sana ControlNet from ComfyUI's control dict, checked against the
     (B, N, C) tokens: a ControlNet of another family (UNet feature maps, Flux tokens, another width)
@@ -320,6 +344,17 @@ class CaptionEmbedder(nn.Module):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return self.y_proj(y)
+
+
+def adaln_single_projection(hidden_size: int, device=None, dtype=None, operations=DEFAULT_OPERATIONS) -> nn.Sequential:
+    """t_block: SiLU -> Linear(C, 6C), the adaLN-single projection every block's modulation comes from."""
+    return nn.Sequential(
+        nn.SiLU(), operations.Linear(hidden_size, 6 * hidden_size, bias=True, device=device, dtype=dtype))
+
+
+def caption_norm(hidden_size: int, device=None, dtype=None, operations=DEFAULT_OPERATIONS) -> nn.Module:
+    """attention_y_norm: the RMSNorm over the projected caption."""
+    return operations.RMSNorm(hidden_size, eps=1e-5, device=device, dtype=dtype)
 
 
 def _qk_norms(enabled: bool, hidden_size: int, device, dtype, operations) -> tuple:
@@ -484,8 +519,7 @@ class SanaTransformer(nn.Module):
         **kwargs: Any,  # ComfyUI's unet_config extras and SanaConfig's sampling fields
     ):
         super().__init__()
-        ops = operations if operations is not None else DEFAULT_OPERATIONS
-        factory = dict(device=device, dtype=dtype, operations=ops)
+        factory = dict(device=device, dtype=dtype, operations=DEFAULT_OPERATIONS if operations is None else operations)
         self.hidden_size = hidden_size
         self.patch_size = patch_size
         self.out_channels = out_channels
@@ -499,10 +533,9 @@ class SanaTransformer(nn.Module):
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size, **factory)
         self.t_embedder = TimestepEmbedder(hidden_size, **factory)
         self.cfg_embedder = TimestepEmbedder(hidden_size, **factory) if guidance_embeds else None
-        self.t_block = nn.Sequential(
-            nn.SiLU(), ops.Linear(hidden_size, 6 * hidden_size, bias=True, device=device, dtype=dtype))
+        self.t_block = adaln_single_projection(hidden_size, **factory)
         self.y_embedder = CaptionEmbedder(caption_channels, hidden_size, **factory)
-        self.attention_y_norm = ops.RMSNorm(hidden_size, eps=1e-5, device=device, dtype=dtype)
+        self.attention_y_norm = caption_norm(hidden_size, **factory)
         # 2. blocks
         self.blocks = nn.ModuleList(
             SanaBlock(hidden_size, num_heads, linear_head_dim, mlp_ratio, qk_norm, **factory)
@@ -551,8 +584,7 @@ class SanaTransformer(nn.Module):
         t0 = self.adaln_single(t)  # (B, 6, 1, C)
 
         # 3. caption projection + y-norm, text mask as an additive bias
-        y = self.attention_y_norm(self.y_embedder(context.to(dtype)))  # (B, L, C)
-        mask_bias = None if context_mask is None else text_mask_to_bias(context_mask.to(x.device), dtype)
+        y, mask_bias = embed_caption(self.y_embedder, self.attention_y_norm, context, context_mask, dtype, x.device)
 
         # 4. blocks
         residuals = control_residuals(control, tokens.shape)
@@ -563,14 +595,11 @@ class SanaTransformer(nn.Module):
         return self._unpatchify(out, B, height, width)
 
     def adaln_single(self, t: torch.Tensor) -> torch.Tensor:
-        """(B, C) embedded timestep -> (B, 6, 1, C) modulation shared by all blocks, with the
-        "1 +" of both scales added here once instead of in every block."""
-        t0 = self.t_block(t).view(t.shape[0], 2, 3, 1, self.hidden_size)
-        t0[:, :, 1] += 1  # rows 1 and 4: scale_msa, scale_mlp
-        return t0.view(t.shape[0], 6, 1, self.hidden_size)
+        """(B, C) embedded timestep -> (B, 6, 1, C) modulation shared by all blocks (``adaln_modulation``)."""
+        return adaln_modulation(self.t_block, t)
 
     def _timesteps(self, timesteps: torch.Tensor | float, batch: int, device: torch.device) -> torch.Tensor:
-        t = torch.as_tensor(timesteps, device=device).float().reshape(-1).expand(batch)
+        t = batch_timesteps(timesteps, batch, device)
         return t if self.timestep_norm_scale == 1.0 else t / self.timestep_norm_scale
 
     def _guidance(self, guidance: torch.Tensor | float | None, batch: int,

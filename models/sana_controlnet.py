@@ -27,8 +27,12 @@ from .sana import (
     PatchEmbed,
     SanaBlock,
     TimestepEmbedder,
+    adaln_modulation,
+    adaln_single_projection,
+    batch_timesteps,
+    caption_norm,
+    embed_caption,
     sincos_pos_embed_2d,
-    text_mask_to_bias,
 )
 
 DEFAULT_COPIED_BLOCKS = 7  # both official ControlNets (600M and 1600M) copy 7 blocks
@@ -71,8 +75,7 @@ class SanaControlNet(nn.Module):
     ):
         """``depth`` is the number of copied blocks (7 in the releases)."""
         super().__init__()
-        ops = operations if operations is not None else DEFAULT_OPERATIONS
-        factory = dict(device=device, dtype=dtype, operations=ops)
+        factory = dict(device=device, dtype=dtype, operations=DEFAULT_OPERATIONS if operations is None else operations)
         self.hidden_size = hidden_size
         self.in_channels = in_channels
         self.patch_size = patch_size
@@ -83,10 +86,9 @@ class SanaControlNet(nn.Module):
         # 1. embeddings (the base model's, copied)
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size, **factory)
         self.t_embedder = TimestepEmbedder(hidden_size, **factory)
-        self.t_block = nn.Sequential(
-            nn.SiLU(), ops.Linear(hidden_size, 6 * hidden_size, bias=True, device=device, dtype=dtype))
+        self.t_block = adaln_single_projection(hidden_size, **factory)
         self.y_embedder = CaptionEmbedder(caption_channels, hidden_size, **factory)
-        self.attention_y_norm = ops.RMSNorm(hidden_size, eps=1e-5, device=device, dtype=dtype)
+        self.attention_y_norm = caption_norm(hidden_size, **factory)
         # 2. copied blocks with their projections
         self.controlnet = nn.ModuleList(
             ControlBlock(i, hidden_size, num_heads, linear_head_dim, mlp_ratio, qk_norm, **factory)
@@ -119,12 +121,8 @@ class SanaControlNet(nn.Module):
         tokens = tokens + self.controlnet[0].before_proj(self._embed(hint.to(dtype), height, width))
 
         # 2. timestep, caption and mask exactly as the base model makes them
-        t = self.t_embedder(torch.as_tensor(timesteps, device=x.device).float().reshape(-1).expand(B), dtype)
-        t0 = self.t_block(t).view(B, 2, 3, 1, self.hidden_size)
-        t0[:, :, 1] += 1  # SanaBlock takes 1 + scale (see SanaTransformer.adaln_single)
-        t0 = t0.view(B, 6, 1, self.hidden_size)
-        y = self.attention_y_norm(self.y_embedder(context.to(dtype)))
-        mask_bias = None if context_mask is None else text_mask_to_bias(context_mask.to(x.device), dtype)
+        t0 = adaln_modulation(self.t_block, self.t_embedder(batch_timesteps(timesteps, B, x.device), dtype))
+        y, mask_bias = embed_caption(self.y_embedder, self.attention_y_norm, context, context_mask, dtype, x.device)
 
         # 3. copied blocks; after_proj of each output is one residual
         residuals = []

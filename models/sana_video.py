@@ -6,8 +6,8 @@ Upstream: NVlabs/Sana ``diffusion/model/nets/sana_multi_scale_video.py`` (``Sana
 ``SanaVideoTransformer3DModel``. Module names equal the official checkpoint names
 (``blocks.N.attn.qkv``, ``blocks.N.mlp.t_conv`` ...); ``loaders/sana_video_keys.py`` maps the
 diffusers layout onto them. The 1x1 convs of the Mix-FFN are ``Linear`` layers holding 2-D
-weights, as in ``models.sana`` (whose caption embedder, timestep embedder, cross-attention and
-spatial GLUMBConv are reused here unchanged).
+weights, as in ``models.sana`` (whose caption embedder and norm, timestep embedder, adaLN-single,
+cross-attention and spatial GLUMBConv are reused here unchanged).
 
 Differences from image Sana: a 3-D patch embedding, ReLU linear attention whose numerator sees
 Wan's 3-D rotary embedding (applied after the ReLU, the normaliser uses the un-rotated q and k),
@@ -31,7 +31,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import sana
-from .sana import CaptionEmbedder, CrossAttention, GLUMBConv, LinearAttention, TimestepEmbedder
+from .sana import (
+    CaptionEmbedder,
+    CrossAttention,
+    GLUMBConv,
+    LinearAttention,
+    TimestepEmbedder,
+    adaln_modulation,
+    adaln_single_projection,
+    caption_norm,
+    embed_caption,
+)
 
 DEFAULT_OPERATIONS = SimpleNamespace(**vars(sana.DEFAULT_OPERATIONS), Conv3d=nn.Conv3d)
 ROPE_THETA = 10000.0  # WanRotaryPosEmbed's theta
@@ -300,8 +310,7 @@ class SanaVideoTransformer(nn.Module):
         **kwargs: Any,  # ComfyUI's unet_config extras and SanaVideoConfig's sampling fields
     ):
         super().__init__()
-        ops = operations if operations is not None else DEFAULT_OPERATIONS
-        factory = dict(device=device, dtype=dtype, operations=ops)
+        factory = dict(device=device, dtype=dtype, operations=DEFAULT_OPERATIONS if operations is None else operations)
         self.hidden_size = hidden_size
         self.patch_size = tuple(patch_size)
         self.out_channels = out_channels
@@ -310,10 +319,9 @@ class SanaVideoTransformer(nn.Module):
         # 1. embeddings
         self.x_embedder = PatchEmbed3D(self.patch_size, in_channels, hidden_size, **factory)
         self.t_embedder = TimestepEmbedder(hidden_size, **factory)
-        self.t_block = nn.Sequential(
-            nn.SiLU(), ops.Linear(hidden_size, 6 * hidden_size, bias=True, device=device, dtype=dtype))
+        self.t_block = adaln_single_projection(hidden_size, **factory)
         self.y_embedder = CaptionEmbedder(caption_channels, hidden_size, **factory)
-        self.attention_y_norm = ops.RMSNorm(hidden_size, eps=1e-5, device=device, dtype=dtype)
+        self.attention_y_norm = caption_norm(hidden_size, **factory)
         # 2. blocks
         self.blocks = nn.ModuleList(
             SanaVideoBlock(hidden_size, num_heads, linear_head_dim, mlp_ratio, qk_norm, cross_norm, t_kernel_size,
@@ -358,8 +366,7 @@ class SanaVideoTransformer(nn.Module):
         t0 = self.adaln_single(t)  # (B, Ft, 6, 1, C)
 
         # 3. caption projection + y-norm, text mask as an additive bias
-        y = self.attention_y_norm(self.y_embedder(context.to(dtype)))  # (B, L, C)
-        mask_bias = None if context_mask is None else sana.text_mask_to_bias(context_mask.to(x.device), dtype)
+        y, mask_bias = embed_caption(self.y_embedder, self.attention_y_norm, context, context_mask, dtype, x.device)
 
         # 4. blocks
         tokens = self._run_blocks(tokens, y, t0, mask_bias, rope, (frames, height, width), options)
@@ -369,12 +376,8 @@ class SanaVideoTransformer(nn.Module):
         return self._unpatchify(out, B, frames, height, width)
 
     def adaln_single(self, t: torch.Tensor) -> torch.Tensor:
-        """(B, Ft, C) embedded timestep -> (B, Ft, 6, 1, C) modulation shared by all blocks, with the
-        "1 +" of both scales added here once instead of in every block."""
-        B, Ft, C = t.shape
-        t0 = self.t_block(t).view(B, Ft, 2, 3, 1, C)
-        t0[:, :, :, 1] += 1  # rows 1 and 4: scale_msa, scale_mlp
-        return t0.view(B, Ft, 6, 1, C)
+        """(B, Ft, C) embedded timestep -> (B, Ft, 6, 1, C) modulation shared by all blocks (``adaln_modulation``)."""
+        return adaln_modulation(self.t_block, t)
 
     def _run_blocks(self, x: torch.Tensor, y: torch.Tensor, t0: torch.Tensor, mask_bias: torch.Tensor | None,
                     rope: tuple[torch.Tensor, torch.Tensor], grid: tuple[int, int, int], options: dict) -> torch.Tensor:

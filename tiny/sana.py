@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..loaders.sana_keys import official_to_diffusers
+from ..loaders.sana_keys import diffusers_dimensions, official_to_diffusers
 from ..models.sana import SanaConfig, SanaTransformer, sincos_pos_embed_2d
 
 _TINY = dict(hidden_size=64, depth=2, num_heads=2, caption_channels=48)
@@ -97,16 +97,7 @@ def diffusers_transformer_config(config: SanaConfig) -> dict:
     return {
         "_class_name": "SanaTransformer2DModel",
         "_diffusers_version": "0.42.1",
-        "in_channels": config.in_channels,
-        "out_channels": config.out_channels,
-        "num_attention_heads": config.hidden_size // config.linear_head_dim,
-        "attention_head_dim": config.linear_head_dim,
-        "num_layers": config.depth,
-        "num_cross_attention_heads": config.num_heads,
-        "cross_attention_head_dim": config.hidden_size // config.num_heads,
-        "cross_attention_dim": config.hidden_size,
-        "caption_channels": config.caption_channels,
-        "mlp_ratio": config.mlp_ratio,
+        **diffusers_dimensions(config),
         "dropout": 0.0,
         "attention_bias": False,
         "sample_size": config.sample_size,

@@ -18,7 +18,7 @@ import torch
 
 from ..loaders.sana_video_keys import diffusers_config, sana_video_official_to_diffusers
 from ..models.sana_video import SanaVideoConfig, SanaVideoTransformer
-from .sana import write_official_pth, write_safetensors
+from .sana import random_sana_tensor, write_official_pth, write_safetensors
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 NULL_CAPTION_TOKENS = 4
@@ -37,24 +37,13 @@ def tiny_sana_video_state_dict(config: SanaVideoConfig, seed: int = 0) -> dict[s
     generator = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in SanaVideoTransformer.from_config(config).state_dict().items()}
-    state_dict = {key: _random_tensor(key, shapes[key], generator) for key in sorted(shapes)}
+    state_dict = {key: random_sana_tensor(key, shapes[key], generator) for key in sorted(shapes)}
     for name in [k for k in state_dict if k.endswith(("inverted_conv.conv.weight", "point_conv.conv.weight"))]:
         state_dict[name] = state_dict[name][:, :, None, None].contiguous()  # official 1x1 convs are 4-D
     state_dict["pos_embed"] = torch.zeros(1, 4, config.hidden_size)
     state_dict["y_embedder.y_embedding"] = torch.randn(NULL_CAPTION_TOKENS, config.caption_channels,
                                                        generator=generator)
     return state_dict
-
-
-def _random_tensor(key: str, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
-    values = torch.randn(shape, generator=generator)
-    if key.endswith("norm.weight"):
-        return 1.0 + 0.1 * values
-    if key.endswith("scale_shift_table"):
-        return values / shape[-1] ** 0.5
-    if key.endswith(".bias"):
-        return 0.1 * values
-    return values / max(1, values[0].numel()) ** 0.5
 
 
 # ----------------------------------------------------------------------------------------------
