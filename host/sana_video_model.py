@@ -41,7 +41,8 @@ from .quant_loading import (
 )
 from .sana_model import SanaFamilyModel
 
-# the VAE a variant was trained on -> ComfyUI latent format (LTX-2's own normalisation is not in core 0.3.75)
+# the VAE a variant was trained on -> ComfyUI latent format (core's LTXV format passes latents through: its
+# LTX VAE applies the per-channel statistics itself, as VeloxLTX2VAELoader's VAE does)
 LATENT_FORMATS = {"wan2.1": comfy.latent_formats.Wan21, "ltx2": comfy.latent_formats.LTXV}
 TIMESTEP_ROUNDINGS = ("floor", "exact")
 

@@ -1,11 +1,15 @@
-"""SANA-Video nodes: the transformer loader, the prompt encoder, empty and image-to-video latents.
+"""SANA-Video nodes: the transformer loader, the prompt encoder, empty and image-to-video latents, and
+the LTX-2 VAE loader (the 720p variant's VAE).
 
-Glue only: each node validates its inputs and calls ``host.sana_video_model`` or
-``host.sana_video_conditioning``. Gemma comes from 'Load Sana Text Encoder', the Wan 2.1 VAE from
-'Load Wan VAE', sampling from the Velox Sampler (or core KSampler), all on ComfyUI's own types.
+Glue only: each node validates its inputs and calls ``host.sana_video_model``,
+``host.sana_video_conditioning`` or ``host.ltx2_vae_loading``. Gemma comes from 'Load Sana Text
+Encoder', the Wan 2.1 VAE from 'Load Wan VAE', sampling from the Velox Sampler (or core KSampler), all on
+ComfyUI's own types.
 """
 
 from __future__ import annotations
+
+import json
 
 import comfy.model_management
 import torch
@@ -15,6 +19,7 @@ from ..host.model_paths import model_choices, resolve_model_choice
 from ..host.quant_inputs import quantization_inputs
 from ..host.sana_video_conditioning import DEFAULT_MOTION_SCORE, latent_frames
 from ..loaders.families import SANA_VIDEO, diffusers_folder_family
+from ..loaders.ltx2_vae_keys import DIFFUSERS_CLASS as LTX2_VAE_CLASS
 from .queue_validation import VeloxNode
 from .sana_nodes import DTYPES
 from .wan_sampling_nodes import wan_video_problem
@@ -25,6 +30,17 @@ LATENT_CHANNELS = 16  # Wan 2.1 VAE (the 480p release)
 
 def _is_sana_video_folder(path) -> bool:
     return diffusers_folder_family(path) is SANA_VIDEO
+
+
+def _is_ltx2_vae_folder(path) -> bool:
+    return any(_config_class(config) == LTX2_VAE_CLASS for config in (path / "vae" / "config.json", path / "config.json"))
+
+
+def _config_class(config) -> str | None:
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("_class_name") if config.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _size_inputs() -> list:
@@ -117,7 +133,8 @@ class EmptySanaVideoLatent(VeloxNode):
             category=CATEGORY,
             description="Empty 5-D Wan 2.1 VAE latent for SANA-Video text-to-video: (B, 16, (frames - 1) / 4 + 1, "
             "H / 8, W / 8). Refuses frame counts other than 4n + 1 and sizes that are not multiples of 16, "
-            "saying which value to use.",
+            "saying which value to use. For the 720p LTX-2 variant use core's EmptyLTXVLatentVideo "
+            "(128 channels, 8x32x32).",
             inputs=_size_inputs(),
             outputs=[io.Latent.Output()],
         )
@@ -167,4 +184,30 @@ class SanaVideoImageToVideo(VeloxNode):
         return io.NodeOutput(positive, negative, latent)
 
 
-SANA_VIDEO_NODES = [SanaVideoLoader, SanaVideoTextEncode, EmptySanaVideoLatent, SanaVideoImageToVideo]
+class LTX2VAELoader(VeloxNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="VeloxLTX2VAELoader",
+            display_name="Load LTX-2 VAE (Velox)",
+            category=CATEGORY,
+            description="Loads the LTX-2 video VAE (128 latent channels, 8x32x32 compression; SANA-Video 720p's) "
+            "as a native VAE that core VAEDecode / VAEEncode accept: a diffusers AutoencoderKLLTX2Video folder or "
+            "file, or the official / ComfyUI LTX-2 VAE safetensors (a whole LTX-2 checkpoint's vae. part too). "
+            "Safetensors only; LTX-Video 0.9.x VAEs are refused.",
+            inputs=[
+                io.Combo.Input("vae_name", options=model_choices("vae", _is_ltx2_vae_folder),
+                               tooltip="A .safetensors file or diffusers folder in models/vae, or a cached "
+                               "repository (never downloaded)."),
+            ],
+            outputs=[io.Vae.Output()],
+        )
+
+    @classmethod
+    def execute(cls, vae_name) -> io.NodeOutput:
+        from ..host.ltx2_vae_loading import load_ltx2_vae
+
+        return io.NodeOutput(load_ltx2_vae(resolve_model_choice("vae", vae_name)))
+
+
+SANA_VIDEO_NODES = [SanaVideoLoader, SanaVideoTextEncode, EmptySanaVideoLatent, SanaVideoImageToVideo, LTX2VAELoader]
