@@ -3,8 +3,12 @@ the LTX-2 VAE loader (the 720p variant's VAE).
 
 Glue only: each node validates its inputs and calls ``host.sana_video_model``,
 ``host.sana_video_conditioning`` or ``host.ltx2_vae_loading``. Gemma comes from 'Load Sana Text
-Encoder', the Wan 2.1 VAE from 'Load Wan VAE', sampling from the Velox Sampler (or core KSampler), all on
-ComfyUI's own types.
+Encoder', the Wan 2.1 VAE from 'Load Wan VAE' (480p) or the LTX-2 VAE from 'Load LTX-2 VAE' (720p),
+sampling from the Velox Sampler (or core KSampler), all on ComfyUI's own types.
+
+Sizes: queue-time checks are the Wan VAE's (4n + 1 frames, multiples of 16), which every LTX-2 size
+(8n + 1, multiples of 32) also passes; image-to-video checks the size again against the connected VAE
+when it runs.
 """
 
 from __future__ import annotations
@@ -17,15 +21,16 @@ from comfy_api.latest import io
 
 from ..host.model_paths import model_choices, resolve_model_choice
 from ..host.quant_inputs import quantization_inputs
-from ..host.sana_video_conditioning import DEFAULT_MOTION_SCORE, latent_frames
+from ..host.sana_video_conditioning import DEFAULT_MOTION_SCORE, latent_frames, video_vae_compression
 from ..loaders.families import SANA_VIDEO, diffusers_folder_family
 from ..loaders.ltx2_vae_keys import DIFFUSERS_CLASS as LTX2_VAE_CLASS
 from .queue_validation import VeloxNode
 from .sana_nodes import DTYPES
-from .wan_sampling_nodes import wan_video_problem
+from .wan_sampling_nodes import video_size_problem, wan_video_problem
 
 CATEGORY = "Velox/SANA-Video"
 LATENT_CHANNELS = 16  # Wan 2.1 VAE (the 480p release)
+MIN_SIZE_MULTIPLE = 16  # the 480p model's 2 x 2 patches of 1/8 latent pixels; LTX-2's 1/32 is coarser
 
 
 def _is_sana_video_folder(path) -> bool:
@@ -43,16 +48,44 @@ def _config_class(config) -> str | None:
         return None
 
 
-def _size_inputs() -> list:
+def _size_inputs(tooltips: dict[str, str] | None = None) -> list:
+    tooltips = {
+        "width": "Video width in pixels, a multiple of 16 (480p release: 832).",
+        "height": "Video height in pixels, a multiple of 16 (480p release: 480).",
+        "length": "Frames, 4n + 1 as the Wan VAE needs (release: 81 at 16 fps).",
+        **(tooltips or {}),
+    }
     return [
-        io.Int.Input("width", default=832, min=16, max=8192, step=16,
-                     tooltip="Video width in pixels, a multiple of 16 (480p release: 832)."),
-        io.Int.Input("height", default=480, min=16, max=8192, step=16,
-                     tooltip="Video height in pixels, a multiple of 16 (480p release: 480)."),
-        io.Int.Input("length", default=81, min=1, max=8192, step=4,
-                     tooltip="Frames, 4n + 1 as the Wan VAE needs (release: 81 at 16 fps)."),
+        io.Int.Input("width", default=832, min=16, max=8192, step=16, tooltip=tooltips["width"]),
+        io.Int.Input("height", default=480, min=16, max=8192, step=16, tooltip=tooltips["height"]),
+        io.Int.Input("length", default=81, min=1, max=8192, step=4, tooltip=tooltips["length"]),
         io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Videos per batch."),
     ]
+
+
+# image-to-video takes either VAE: the tooltips say both rules
+VAE_DEPENDENT_TOOLTIPS = {
+    "width": "Video width in pixels: a multiple of 16 with the Wan VAE (480p: 832), of 32 with the LTX-2 VAE "
+    "(720p: 1280).",
+    "height": "Video height in pixels: a multiple of 16 with the Wan VAE (480p: 480), of 32 with the LTX-2 VAE "
+    "(720 is not: 704 or 736).",
+    "length": "Frames: 4n + 1 with the Wan VAE, 8n + 1 with the LTX-2 VAE (81 suits both).",
+}
+
+
+def _vae_size_problem(vae, width: int, height: int, length: int) -> str | None:
+    """The size against the connected VAE (Wan 2.1: 4n + 1 frames, multiples of 16; LTX-2: 8n + 1, 32),
+    or None; what queue-time validation, which cannot see the VAE, leaves to run time."""
+    compression = video_vae_compression(vae)
+    if compression is None:
+        return ("the connected VAE is not a video VAE: connect the Wan 2.1 VAE ('Load Wan VAE') or the LTX-2 VAE "
+                "('Load LTX-2 VAE (Velox)')")
+    frames_per_latent, spatial = compression
+    problem = video_size_problem(width, height, length, frames_per_latent, max(spatial, MIN_SIZE_MULTIPLE))
+    if problem is None:
+        return None
+    return (f"with the connected VAE ({vae.latent_channels} latent channels, {frames_per_latent}x{spatial}x{spatial} "
+            f"compression), {problem}")
 
 
 def _size_problems(values: dict) -> list[str]:
@@ -159,13 +192,16 @@ class SanaVideoImageToVideo(VeloxNode):
             category=CATEGORY,
             description="SANA-Video image-to-video as SanaImageToVideoPipeline: the start image, resized to the "
             "video size, is VAE-encoded into latent frame 0, which a noise mask keeps clean (the model runs "
-            "it at t = 0); the other frames are sampled. The conditioning passes through unchanged.",
+            "it at t = 0); the other frames are sampled. The conditioning passes through unchanged. The latent "
+            "follows the connected VAE: Wan 2.1 (480p; 16 channels, 4n + 1 frames, 1/8 size) or LTX-2 (720p; "
+            "128 channels, 8n + 1 frames, 1/32 size); a size that VAE cannot take is refused when the node runs.",
             inputs=[
                 io.Conditioning.Input("positive", tooltip="From 'SANA-Video Text Encode'."),
                 io.Conditioning.Input("negative", tooltip="The plainly encoded negative prompt."),
-                io.Vae.Input("vae", tooltip="The Wan 2.1 VAE ('Load Wan VAE')."),
+                io.Vae.Input("vae", tooltip="The Wan 2.1 VAE ('Load Wan VAE') for 480p, or the LTX-2 VAE "
+                             "('Load LTX-2 VAE (Velox)') for 720p."),
                 io.Image.Input("start_image", tooltip="The first frame of the video (the first image of a batch)."),
-                *_size_inputs(),
+                *_size_inputs(VAE_DEPENDENT_TOOLTIPS),
             ],
             outputs=[io.Conditioning.Output(display_name="positive"), io.Conditioning.Output(display_name="negative"),
                      io.Latent.Output(display_name="latent")],
@@ -180,6 +216,9 @@ class SanaVideoImageToVideo(VeloxNode):
         from ..host.sana_video_conditioning import image_to_video_latent
 
         cls.check_values(width=width, height=height, length=length, batch_size=batch_size)
+        problem = _vae_size_problem(vae, width, height, length)
+        if problem:
+            raise ValueError(f"{cls.define_schema().node_id}: {problem}")
         latent = image_to_video_latent(vae, start_image, width, height, length, batch_size)
         return io.NodeOutput(positive, negative, latent)
 

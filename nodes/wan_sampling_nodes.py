@@ -115,14 +115,24 @@ class WanExpertSampler(VeloxNode):
 def wan_video_problem(width: int, height: int, length: int) -> str | None:
     """What is wrong with a Wan video size, or None: Wan's VAE packs 4 frames after the first into one
     latent frame and the DiT patches 2 x 2 latent pixels (8 x downsampling), hence 4n + 1 and 16."""
-    problems = []
-    if length < 1 or (length - 1) % 4:
-        below, above = max(1, (length - 1) // 4 * 4 + 1), (length - 1) // 4 * 4 + 5
-        problems.append(f"length must be 4n + 1 frames (1, 5, 9, ..., 81), got {length}: use {below} or {above}")
+    return video_size_problem(width, height, length, frames_per_latent=4, size_multiple=16)
+
+
+def video_size_problem(width: int, height: int, length: int, frames_per_latent: int,
+                       size_multiple: int) -> str | None:
+    """What is wrong with a video size for a VAE that packs ``frames_per_latent`` frames after the first
+    into one latent frame (length kn + 1) and a model that needs sides in multiples of ``size_multiple``,
+    or None. Each problem names the value and the nearest valid values."""
+    k, problems = frames_per_latent, []
+    if length < 1 or (length - 1) % k:
+        below, above = max(1, (length - 1) // k * k + 1), (length - 1) // k * k + k + 1
+        series = f"1, {k + 1}, {2 * k + 1}, ..., {(80 // k) * k + 1}"
+        problems.append(f"length must be {k}n + 1 frames ({series}), got {length}: use {below} or {above}")
     for name, value in (("width", width), ("height", height)):
-        if value % 16:
-            problems.append(f"{name} must be a multiple of 16, got {value}: use {value // 16 * 16 or 16} or "
-                            f"{value // 16 * 16 + 16}")
+        if value % size_multiple:
+            problems.append(f"{name} must be a multiple of {size_multiple}, got {value}: use "
+                            f"{value // size_multiple * size_multiple or size_multiple} or "
+                            f"{value // size_multiple * size_multiple + size_multiple}")
     return "; ".join(problems) or None
 
 

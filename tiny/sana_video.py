@@ -32,6 +32,13 @@ def tiny_sana_video_config(caption_channels: int, name: str = "tiny_sana_video")
                            caption_channels=caption_channels, name=name)
 
 
+def tiny_sana_video_720p_config(caption_channels: int, name: str = "tiny_sana_video_720p") -> SanaVideoConfig:
+    """720p-style (128-channel LTX-2 latent, 1x1x1 patches) at hidden 64: two 32-channel heads, two blocks."""
+    return SanaVideoConfig(hidden_size=64, depth=2, num_heads=2, linear_head_dim=32, in_channels=128,
+                           out_channels=128, patch_size=(1, 1, 1), caption_channels=caption_channels,
+                           sample_size=22, vae="ltx2", name=name)
+
+
 def tiny_sana_video_state_dict(config: SanaVideoConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     """Deterministic random weights under official names, as the official checkpoint holds them."""
     generator = torch.Generator().manual_seed(seed)

@@ -85,3 +85,59 @@ def count_tensor_loads(monkeypatch):
         return loads
 
     return install
+
+
+# ----------------------------------------------------------------------------------------------
+# the tiny LTX-2 video VAE (SANA-Video 720p's): test_ltx2_vae.py, test_sana_video_nodes.py
+# ----------------------------------------------------------------------------------------------
+
+
+def tiny_ltx2_vae_config() -> dict:
+    """The release's block types, causality and padding (LTX2_RELEASE), shrunk: widths 128 / 256, one
+    ResNet a block. decoder_block_out_channels (128, 128, 256) with factors (1, 1, 2): the first upsampler
+    halves 256 -> 128 channels as the release's do, the other two keep 128."""
+    from velox.loaders.ltx2_vae_keys import LTX2_RELEASE
+
+    return {
+        "latent_channels": 128,
+        "block_out_channels": (128, 128, 128, 256),
+        "layers_per_block": (1, 1, 1, 1, 1),
+        "decoder_block_out_channels": (128, 128, 256),
+        "decoder_layers_per_block": (1, 1, 1, 1),
+        "upsample_factor": (1, 1, 2),
+        "decoder_inject_noise": (False, False, False, False),
+        # as the release's config.json (diffusers' LTX-2 conversion writes them): SanaVideoPipeline reads
+        # its vae_scale_factor_* from these config values, None when absent, and the model's fallback
+        # formula (patch 4 x 2 ** four scaling blocks = 64) does not fit LTX-2's spatial-only / temporal-only
+        # first two downsamplers
+        "spatial_compression_ratio": 32,
+        "temporal_compression_ratio": 8,
+        **{k: v for k, v in LTX2_RELEASE.items() if k not in ("in_channels", "out_channels")},
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_ltx2_vae():
+    """diffusers' AutoencoderKLLTX2Video of the tiny config, random fp32 weights and latent statistics."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    model = diffusers.AutoencoderKLLTX2Video(**tiny_ltx2_vae_config()).eval()
+    generator = torch.Generator().manual_seed(1)
+    model.latents_mean.copy_(torch.randn(128, generator=generator) * 0.5)
+    model.latents_std.copy_(torch.rand(128, generator=generator) + 0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def ltx2_host(comfy_host):
+    """Core's LTX VAE with LTX-2's blocks (SpaceToDepth downsamplers) and a config read from metadata."""
+    import inspect
+
+    import comfy.ldm.lightricks.vae.causal_video_autoencoder as ltx_vae
+    import comfy.sd
+
+    if "compress_space_res" not in inspect.getsource(ltx_vae.Encoder.__init__):
+        pytest.skip("this ComfyUI host's LTX VAE has no LTX-2 blocks (compress_space_res)")
+    if "metadata" not in inspect.signature(comfy.sd.VAE.__init__).parameters:
+        pytest.skip("this ComfyUI host's VAE takes no safetensors metadata (the LTX VAE config)")
+    return comfy_host

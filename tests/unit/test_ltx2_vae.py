@@ -7,6 +7,8 @@ patches, 8 x 32 x 32 compression) with random fp32 weights and random latent sta
 every layout, loads through ``host.ltx2_vae_loading.load_ltx2_vae`` and decodes / encodes as diffusers
 does. Core keeps its latent width (128) and first / last block width (128) fixed, so the tiny model keeps
 those and shrinks depth. The key map is pinned against diffusers' own ``convert_ltx2_vae_to_diffusers``.
+The tiny VAE (``tiny_ltx2_vae``) and the host check (``ltx2_host``) are in ``conftest.py``, shared with
+the SANA-Video 720p pipeline tests.
 """
 
 from __future__ import annotations
@@ -26,19 +28,6 @@ from safetensors.torch import save_file  # noqa: E402
 
 PARITY_RTOL = 1e-4  # relative L2, fp32
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-# The release's block types, causality and padding (LTX2_RELEASE), shrunk: widths 128 / 256, one
-# ResNet a block. decoder_block_out_channels (128, 128, 256) with factors (1, 1, 2): the first upsampler
-# halves 256 -> 128 channels as the release's do, the other two keep 128.
-TINY_CONFIG = {
-    "latent_channels": 128,
-    "block_out_channels": (128, 128, 128, 256),
-    "layers_per_block": (1, 1, 1, 1, 1),
-    "decoder_block_out_channels": (128, 128, 256),
-    "decoder_layers_per_block": (1, 1, 1, 1),
-    "upsample_factor": (1, 1, 2),
-    "decoder_inject_noise": (False, False, False, False),
-    **{k: v for k, v in LTX2_RELEASE.items() if k not in ("in_channels", "out_channels")},
-}
 
 
 def relative_l2(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -50,48 +39,24 @@ def _diffusers_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def tiny_vae():
-    torch.manual_seed(0)
-    model = AutoencoderKLLTX2Video(**TINY_CONFIG).eval()
-    generator = torch.Generator().manual_seed(1)
-    model.latents_mean.copy_(torch.randn(128, generator=generator) * 0.5)
-    model.latents_std.copy_(torch.rand(128, generator=generator) + 0.5)
-    return model
-
-
-@pytest.fixture(scope="module")
-def decode_reference(tiny_vae):
+def decode_reference(tiny_ltx2_vae):
     """Normalized latents (what SANA-Video 720p samples) and diffusers' decode of them, as
     SanaVideoPipeline decodes: ``vae.decode(z * latents_std + latents_mean)``."""
     latent = torch.randn(1, 128, 2, 2, 2, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        denormalized = latent * tiny_vae.latents_std.view(1, -1, 1, 1, 1) + tiny_vae.latents_mean.view(1, -1, 1, 1, 1)
-        want = tiny_vae.decode(denormalized).sample
+        denormalized = (latent * tiny_ltx2_vae.latents_std.view(1, -1, 1, 1, 1)
+                        + tiny_ltx2_vae.latents_mean.view(1, -1, 1, 1, 1))
+        want = tiny_ltx2_vae.decode(denormalized).sample
     return latent, want
 
 
-@pytest.fixture(scope="module")
-def ltx2_host(comfy_host):
-    """Core's LTX VAE with LTX-2's blocks (SpaceToDepth downsamplers) and a config read from metadata."""
-    import inspect
-
-    import comfy.ldm.lightricks.vae.causal_video_autoencoder as ltx_vae
-    import comfy.sd
-
-    if "compress_space_res" not in inspect.getsource(ltx_vae.Encoder.__init__):
-        pytest.skip("this ComfyUI host's LTX VAE has no LTX-2 blocks (compress_space_res)")
-    if "metadata" not in inspect.signature(comfy.sd.VAE.__init__).parameters:
-        pytest.skip("this ComfyUI host's VAE takes no safetensors metadata (the LTX VAE config)")
-    return comfy_host
-
-
-def _write(tiny_vae, tmp_path, layout: str):
-    weights = _diffusers_state_dict(tiny_vae)
+def _write(tiny_ltx2_vae, tmp_path, layout: str):
+    weights = _diffusers_state_dict(tiny_ltx2_vae)
     if layout == "diffusers_folder":
         folder = tmp_path / "sana_video_720p" / "vae"
         folder.mkdir(parents=True)
         save_file(weights, str(folder / WEIGHTS))
-        tiny_vae.save_config(str(folder))  # config.json with its _class_name
+        tiny_ltx2_vae.save_config(str(folder))  # config.json with its _class_name
         return folder.parent
     if layout == "diffusers_file":
         save_file(weights, str(tmp_path / "ltx2_vae_diffusers.safetensors"))
@@ -108,8 +73,8 @@ def _write(tiny_vae, tmp_path, layout: str):
     return path
 
 
-def test_key_map_is_the_inverse_of_diffusers_converter(tiny_vae):
-    weights = _diffusers_state_dict(tiny_vae)
+def test_key_map_is_the_inverse_of_diffusers_converter(tiny_ltx2_vae):
+    weights = _diffusers_state_dict(tiny_ltx2_vae)
     official = canonicalize_ltx2_vae_state_dict(weights)
     assert "decoder.up_blocks.0.res_blocks.0.conv1.conv.weight" in official
     assert "encoder.down_blocks.8.res_blocks.0.conv1.conv.weight" in official  # the encoder's mid block
@@ -119,11 +84,11 @@ def test_key_map_is_the_inverse_of_diffusers_converter(tiny_vae):
 
 
 @pytest.mark.parametrize("layout", ("diffusers_folder", "diffusers_file", "official_file", "comfyui_checkpoint"))
-def test_native_ltx2_vae_decode_matches_diffusers(ltx2_host, tiny_vae, decode_reference, tmp_path, layout):
+def test_native_ltx2_vae_decode_matches_diffusers(ltx2_host, tiny_ltx2_vae, decode_reference, tmp_path, layout):
     from velox.host.ltx2_vae_loading import load_ltx2_vae
 
     latent, want = decode_reference
-    vae = load_ltx2_vae(_write(tiny_vae, tmp_path, layout))
+    vae = load_ltx2_vae(_write(tiny_ltx2_vae, tmp_path, layout))
     assert (vae.latent_channels, vae.latent_dim) == (128, 3)
     with torch.no_grad():
         raw = vae.first_stage_model.decode(latent)
@@ -135,15 +100,16 @@ def test_native_ltx2_vae_decode_matches_diffusers(ltx2_host, tiny_vae, decode_re
     assert (want.abs() < 0.99).float().mean() > 0.5  # the comparison is not between saturated images
 
 
-def test_native_ltx2_vae_encode_matches_diffusers(ltx2_host, tiny_vae, tmp_path):
+def test_native_ltx2_vae_encode_matches_diffusers(ltx2_host, tiny_ltx2_vae, tmp_path):
     from velox.host.ltx2_vae_loading import load_ltx2_vae
 
     video = torch.rand(9, 64, 64, 3, generator=torch.Generator().manual_seed(3))  # IMAGE frames in [0, 1]
     with torch.no_grad():
         pixels = (video * 2 - 1).permute(3, 0, 1, 2).unsqueeze(0)
-        mode = tiny_vae.encode(pixels).latent_dist.mode()
-        want = (mode - tiny_vae.latents_mean.view(1, -1, 1, 1, 1)) / tiny_vae.latents_std.view(1, -1, 1, 1, 1)
-    vae = load_ltx2_vae(_write(tiny_vae, tmp_path, "diffusers_folder"))
+        mode = tiny_ltx2_vae.encode(pixels).latent_dist.mode()
+        want = ((mode - tiny_ltx2_vae.latents_mean.view(1, -1, 1, 1, 1))
+                / tiny_ltx2_vae.latents_std.view(1, -1, 1, 1, 1))
+    vae = load_ltx2_vae(_write(tiny_ltx2_vae, tmp_path, "diffusers_folder"))
     with torch.no_grad():
         got = vae.encode(video)
     assert got.shape == want.shape == (1, 128, 2, 2, 2)
@@ -169,7 +135,7 @@ def test_release_architecture_fills_core_video_vae(ltx2_host):
     assert "spatial_padding_mode" not in config  # core's defaults: zeros in the encoder, reflect in the decoder
 
 
-def test_ltx2_vae_loader_refuses_other_files(ltx2_host, tiny_vae, tmp_path):
+def test_ltx2_vae_loader_refuses_other_files(ltx2_host, tiny_ltx2_vae, tmp_path):
     from velox.host.ltx2_vae_loading import load_ltx2_vae
 
     wan_like = tmp_path / "wan_2.1_vae.safetensors"
@@ -178,7 +144,7 @@ def test_ltx2_vae_loader_refuses_other_files(ltx2_host, tiny_vae, tmp_path):
     with pytest.raises(VeloxLoadError, match=r"wan_2.1_vae.safetensors: is not an LTX video VAE .*expected the LTX-2"):
         load_ltx2_vae(wan_like)
 
-    weights = _diffusers_state_dict(tiny_vae)
+    weights = _diffusers_state_dict(tiny_ltx2_vae)
     conditioned = tmp_path / "ltxv_0.9.5_vae.safetensors"
     save_file({**weights, "decoder.timestep_scale_multiplier": torch.tensor(1000.0)}, str(conditioned))
     with pytest.raises(VeloxLoadError, match="ltxv_0.9.5_vae.safetensors: has a timestep-conditioned decoder"):
@@ -197,7 +163,7 @@ def test_ltx2_vae_loader_refuses_other_files(ltx2_host, tiny_vae, tmp_path):
         load_ltx2_vae(truncated)
 
 
-def test_ltx2_vae_node_lists_the_folder_and_returns_core_vae(ltx2_host, tiny_vae, decode_reference, tmp_path,
+def test_ltx2_vae_node_lists_the_folder_and_returns_core_vae(ltx2_host, tiny_ltx2_vae, decode_reference, tmp_path,
                                                              monkeypatch):
     import comfy.sd
     import folder_paths
@@ -207,7 +173,7 @@ def test_ltx2_vae_node_lists_the_folder_and_returns_core_vae(ltx2_host, tiny_vae
     node = next(c for c in SANA_VIDEO_NODES if c.define_schema().node_id == "VeloxLTX2VAELoader")
     models = tmp_path / "vae"
     models.mkdir()
-    _write(tiny_vae, models, "diffusers_folder")  # models/vae/sana_video_720p/vae/
+    _write(tiny_ltx2_vae, models, "diffusers_folder")  # models/vae/sana_video_720p/vae/
     (models / "wan_vae_folder").mkdir()
     (models / "wan_vae_folder" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLWan"}))
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "vae", ([str(models)], folder_paths.supported_pt_extensions))

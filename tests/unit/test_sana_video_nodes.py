@@ -5,13 +5,18 @@
   ``SanaVideoTransformer3DModel`` and refuses a Wan or an image-Sana file in words;
 - a whole run on the node path (SANA-Video Text Encode + Sana Text Encode for the negative, the empty or
   image-to-video latent, the Velox Sampler, real Gemma tokenization) equals diffusers'
-  ``SanaVideoPipeline`` / ``SanaImageToVideoPipeline`` given the same prompts and starting latents.
+  ``SanaVideoPipeline`` / ``SanaImageToVideoPipeline`` given the same prompts and starting latents;
+- the same for the 720p variant on the LTX-2 VAE (128 channels, 8 x 32 x 32): core's EmptyLTXVLatentVideo
+  or the image-to-video node with the LTX-2 VAE connected, the Velox Sampler, core's VAEDecode, against
+  the pipelines handed diffusers' AutoencoderKLLTX2Video, down to the decoded frames.
 
 ComfyUI starts sampling from ``sigma_0 * noise + (1 - sigma_0) * latent`` (core's flow noise scaling;
 diffusers starts from the latents it is handed), so the diffusers run is handed exactly that.
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -206,14 +211,16 @@ def sample_through_node(model, positive, negative, latent, seed, **settings):
     return VeloxSampler.execute(model, positive, negative, latent, seed=seed, **values).result[0]["samples"]
 
 
-def comfy_start(latent: dict, seed: int, sigma0: float) -> torch.Tensor:
-    """What core's sampler starts from: the seed's noise, scaled, plus the normalised latent."""
+def comfy_start(latent: dict, seed: int, sigma0: float, latent_format=None) -> torch.Tensor:
+    """What core's sampler starts from: the seed's noise, scaled, plus the latent normalised by the
+    model's latent format (Wan21 by default; LTXV, the 720p model's, passes it through)."""
     import comfy.latent_formats
     import comfy.sample
 
     samples = latent["samples"]
     noise = comfy.sample.prepare_noise(samples, seed)
-    normalised = comfy.latent_formats.Wan21().process_in(samples) if torch.count_nonzero(samples) else samples
+    latent_format = latent_format or comfy.latent_formats.Wan21()
+    normalised = latent_format.process_in(samples) if torch.count_nonzero(samples) else samples
     return sigma0 * noise + (1.0 - sigma0) * normalised
 
 
@@ -321,3 +328,159 @@ def test_image_to_video_node_run_equals_sana_image_to_video_pipeline(tiny_model,
     ours = comfy.latent_formats.Wan21().process_in(got)
     assert relative_l2(ours[:, :, :1], want[:, :, :1]) <= PARITY_RTOL  # the image latent, untouched
     assert relative_l2(ours, want) <= LOOP_RTOL
+
+
+# ----------------------------------------------------------------------------------------------
+# 720p: the LTX-2 VAE (128 channels, 8 x 32 x 32, 1 x 1 x 1 patches)
+# ----------------------------------------------------------------------------------------------
+
+STEPS_720P = 8
+WIDTH_720P, HEIGHT_720P, FRAMES_720P = 96, 64, 17  # latent 3 frames of 2 x 3
+
+
+@pytest.fixture(scope="module")
+def sana_video_720p(comfy_host, tmp_path_factory):
+    """A tiny 720p-style transformer as an official .pth loaded through the loader node, and the same
+    weights in diffusers' SanaVideoTransformer3DModel."""
+    import folder_paths
+
+    from velox.tiny.gemma import TINY_GEMMA_HIDDEN
+
+    config = tiny.tiny_sana_video_720p_config(TINY_GEMMA_HIDDEN)
+    weights = tiny.tiny_sana_video_state_dict(config, seed=6)
+    kwargs = {k: v for k, v in diffusers_config(config).items() if not k.startswith("_")}
+    kwargs["patch_size"] = tuple(kwargs["patch_size"])
+    reference = SanaVideoTransformer3DModel(**kwargs).eval()
+    reference.load_state_dict(sana_video_official_to_diffusers(canonicalize_sana_video_state_dict(weights)))
+    models = tmp_path_factory.mktemp("sana_video_720p") / "diffusion_models"
+    tiny.write_official(models / "sana_video_720p_tiny.pth", weights)
+    folder_paths.add_model_folder_path("diffusion_models", str(models))
+    try:
+        model = load_through_node("sana_video_720p_tiny.pth")
+    finally:
+        folder_paths.folder_names_and_paths["diffusion_models"][0].remove(str(models))
+    return reference, model
+
+
+@pytest.fixture(scope="module")
+def ltx2_vae(ltx2_host, tiny_ltx2_vae, tmp_path_factory):
+    """The tiny LTX-2 VAE as core's VAE (a diffusers folder through Velox's loader) and as diffusers' own."""
+    from velox.host.ltx2_vae_loading import load_ltx2_vae
+
+    folder = tmp_path_factory.mktemp("ltx2_vae") / "vae"
+    tiny_ltx2_vae.save_pretrained(str(folder))
+    return load_ltx2_vae(folder), tiny_ltx2_vae
+
+
+def decode_through_core(vae, samples: torch.Tensor) -> torch.Tensor:
+    """Core's VAEDecode: IMAGE frames (B * F, H, W, C) in [0, 1]."""
+    import nodes
+
+    return nodes.VAEDecode().decode(vae, {"samples": samples})[0]
+
+
+def as_image_frames(video: torch.Tensor) -> torch.Tensor:
+    """diffusers' output_type='pt' video (B, F, C, H, W) -> ComfyUI IMAGE frames (B * F, H, W, C)."""
+    return video.permute(0, 1, 3, 4, 2).reshape(-1, *video.shape[3:], video.shape[2])
+
+
+def run_pipeline_720p(pipe, latents: torch.Tensor, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pipeline's final latents and its decoded video from the same start."""
+    pipe.set_progress_bar_config(disable=True)
+    settings = dict(prompt=f"{PROMPT} motion score: {MOTION}.", negative_prompt=NEGATIVE,
+                    num_inference_steps=STEPS_720P, guidance_scale=GUIDANCE, height=HEIGHT_720P, width=WIDTH_720P,
+                    frames=FRAMES_720P, use_resolution_binning=False, max_sequence_length=300, **inputs)
+    with torch.no_grad():
+        latent = pipe(latents=latents.clone(), output_type="latent", **settings).frames
+        video = pipe(latents=latents.clone(), output_type="pt", **settings).frames
+    return latent, video
+
+
+def release_scheduler() -> DPMSolverMultistepScheduler:
+    return DPMSolverMultistepScheduler(flow_shift=SHIFT, use_flow_sigmas=True, prediction_type="flow_prediction")
+
+
+def test_720p_text_to_video_run_and_decode_equal_sana_video_pipeline(sana_video_720p, ltx2_vae, gemma):
+    """Core's EmptyLTXVLatentVideo gives the shape SanaVideoPipeline prepares for the LTX-2 VAE; 8 steps of
+    Flow-DPM-Solver (CFG 6, shift 8, floored timesteps) and core's VAEDecode equal the pipeline's latents
+    and its decoded frames (vae.decode(z * latents_std + latents_mean))."""
+    import comfy.latent_formats
+    from comfy_extras.nodes_lt import EmptyLTXVLatentVideo
+
+    from velox.sampling.flow_schedules import flow_dpm_solver_sigmas
+
+    reference, model = sana_video_720p
+    comfy_vae, diffusers_vae = ltx2_vae
+    clip, tokenizer, decoder = gemma
+    assert isinstance(model.model.latent_format, comfy.latent_formats.LTXV)
+    positive, negative = node_conditioning(clip)
+    latent = EmptyLTXVLatentVideo.execute(WIDTH_720P, HEIGHT_720P, FRAMES_720P, 1).result[0]
+    got = sample_through_node(model, positive, negative, latent, seed=21, preset="custom", steps=STEPS_720P)
+    frames = decode_through_core(comfy_vae, got)
+
+    pipe = SanaVideoPipeline(tokenizer=tokenizer, text_encoder=decoder, vae=diffusers_vae, transformer=reference,
+                             scheduler=release_scheduler())
+    assert (pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial) == (8, 32)
+    prepared = pipe.prepare_latents(1, reference.config.in_channels, HEIGHT_720P, WIDTH_720P, FRAMES_720P,
+                                    torch.float32, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert latent["samples"].shape == prepared.shape == (1, 128, 3, 2, 3)
+    start = comfy_start(latent, 21, float(flow_dpm_solver_sigmas(STEPS_720P, SHIFT)[0]), comfy.latent_formats.LTXV())
+    want_latent, want_video = run_pipeline_720p(pipe, start)
+    want_frames = as_image_frames(want_video)
+    assert relative_l2(got, want_latent) <= LOOP_RTOL  # LTXV's latent format is the identity
+    assert frames.shape == want_frames.shape == (FRAMES_720P, HEIGHT_720P, WIDTH_720P, 3)
+    assert relative_l2(frames, want_frames) <= LOOP_RTOL
+    assert ((want_frames > 0.01) & (want_frames < 0.99)).float().mean() > 0.5  # not a comparison of clipped pixels
+
+
+def test_720p_image_to_video_run_and_decode_equal_sana_image_to_video_pipeline(sana_video_720p, ltx2_vae, gemma):
+    """With the LTX-2 VAE connected, the image-to-video node builds (1, 128, (17 - 1) / 8 + 1, 64 / 32, 96 / 32)
+    with the image's latent (already normalised by core's LTX VAE) in frame 0; 8 release-scheduler steps
+    and the decode equal SanaImageToVideoPipeline, whose image latent is (mode - latents_mean) / latents_std."""
+    import comfy.latent_formats
+
+    from velox.nodes.sana_video_nodes import SanaVideoImageToVideo
+    from velox.sampling.flow_schedules import flow_dpm_solver_sigmas
+
+    reference, model = sana_video_720p
+    comfy_vae, diffusers_vae = ltx2_vae
+    clip, tokenizer, decoder = gemma
+    image = torch.rand(1, 3, HEIGHT_720P, WIDTH_720P, generator=torch.Generator().manual_seed(8))
+    positive, negative = node_conditioning(clip)
+    positive, negative, latent = SanaVideoImageToVideo.execute(positive, negative, comfy_vae, image.permute(0, 2, 3, 1),
+                                                               WIDTH_720P, HEIGHT_720P, FRAMES_720P, 1).result
+    assert latent["samples"].shape == (1, 128, 3, 2, 3)
+    assert latent["noise_mask"][0, 0, :, 0, 0].tolist() == [0, 1, 1]
+    got = sample_through_node(model, positive, negative, latent, seed=5, preset="custom", steps=STEPS_720P)
+    frames = decode_through_core(comfy_vae, got)
+
+    pipe = SanaImageToVideoPipeline(tokenizer=tokenizer, text_encoder=decoder, vae=diffusers_vae,
+                                    transformer=reference, scheduler=release_scheduler())
+    start = comfy_start(latent, 5, float(flow_dpm_solver_sigmas(STEPS_720P, SHIFT)[0]), comfy.latent_formats.LTXV())
+    want_latent, want_video = run_pipeline_720p(pipe, start, image=image)
+    want_frames = as_image_frames(want_video)
+    assert relative_l2(got[:, :, :1], want_latent[:, :, :1]) <= LOOP_RTOL  # the image latent, untouched
+    assert relative_l2(got, want_latent) <= LOOP_RTOL
+    assert frames.shape == want_frames.shape == (FRAMES_720P, HEIGHT_720P, WIDTH_720P, 3)
+    assert relative_l2(frames, want_frames) <= LOOP_RTOL
+    assert ((want_frames > 0.01) & (want_frames < 0.99)).float().mean() > 0.5
+
+
+def test_image_to_video_refuses_sizes_the_connected_ltx2_vae_cannot_take(ltx2_vae, wan_vae):
+    """Queue-time checks are the Wan VAE's (77 = 4n + 1 passes); at run time the LTX-2 VAE's 8n + 1 and
+    multiples of 32 are enforced, in words, while the Wan VAE takes 13 frames (4 latent frames)."""
+    from velox.nodes.sana_video_nodes import SanaVideoImageToVideo as node
+
+    comfy_vae, _ = ltx2_vae
+    image = torch.rand(1, HEIGHT_720P, WIDTH_720P, 3, generator=torch.Generator().manual_seed(9))
+    assert node.validate_inputs(width=WIDTH_720P, height=HEIGHT_720P, length=77, batch_size=1) is True
+    prefix = "VeloxSanaVideoImageToVideo: with the connected VAE (128 latent channels, 8x32x32 compression), "
+    with pytest.raises(ValueError, match=re.escape(
+            prefix + "length must be 8n + 1 frames (1, 9, 17, ..., 81), got 77: use 73 or 81")):
+        node.execute(None, None, comfy_vae, image, WIDTH_720P, HEIGHT_720P, 77, 1)
+    with pytest.raises(ValueError, match=re.escape(prefix + "width must be a multiple of 32, got 80: use 64 or 96")):
+        node.execute(None, None, comfy_vae, image, 80, HEIGHT_720P, 9, 1)
+
+    wan, _ = wan_vae
+    latent = node.execute(None, None, wan, torch.rand(1, 32, 64, 3), 64, 32, 13, 1).result[2]
+    assert latent["samples"].shape == (1, 16, 4, 4, 8)
