@@ -34,17 +34,15 @@ from ..loaders.ltx2_vae_keys import (
 )
 from .wan_loading import resolve_source
 
-SAFETENSORS_SUFFIXES = (".safetensors", ".safetensors.index.json")
-
 
 def load_ltx2_vae(source: str | Path) -> comfy.sd.VAE:
     """An LTX-2 video VAE as core's VAE (128 latent channels, 8 x 32 x 32): a diffusers
     ``AutoencoderKLLTX2Video`` folder (``vae/`` or the component itself) or file, the official / ComfyUI
     safetensors (``vae.``-prefixed inside a whole LTX-2 checkpoint), or ``"hf-cache: Org/Name"``.
-    Safetensors only; anything else, and any VAE core's module cannot compute as diffusers does, is
-    refused with a VeloxLoadError naming the file."""
+    Files are read as every loader reads them (safetensors, or a weights-only ``.pth``; pickles refused);
+    any VAE core's module cannot compute as diffusers does is refused with a VeloxLoadError naming the file."""
     path = resolve_source(source)
-    weight_file = _only_safetensors(path)
+    weight_file = _weight_file(path)
     state_dict, diffusers_config = read_component(path, "vae")
     class_name = (diffusers_config or {}).get("_class_name")
     if class_name not in (None, DIFFUSERS_CLASS):
@@ -60,18 +58,13 @@ def load_ltx2_vae(source: str | Path) -> comfy.sd.VAE:
     return vae
 
 
-def _only_safetensors(path: Path) -> Path:
-    """The weight file (the first of a folder's); refuses pickles, which this loader never opens."""
+def _weight_file(path: Path) -> Path:
+    """The weight file (the first of a folder's), whose safetensors metadata may hold core's config."""
     if path.is_dir():
-        weight_file = resolve_diffusers_component(path, "vae").weight_files[0]
-    elif path.is_file():
-        weight_file = path
-    else:
-        raise VeloxLoadError(path, "file not found", LTX2_VAE_EXPECTED)
-    if not weight_file.name.lower().endswith(SAFETENSORS_SUFFIXES):
-        raise VeloxLoadError(weight_file, "is not a safetensors file (the LTX-2 VAE loader reads safetensors only)",
-                             LTX2_VAE_EXPECTED)
-    return weight_file
+        return resolve_diffusers_component(path, "vae").weight_files[0]
+    if path.is_file():
+        return path
+    raise VeloxLoadError(path, "file not found", LTX2_VAE_EXPECTED)
 
 
 def _release_metadata_config(weight_file: Path, path: Path) -> dict | None:

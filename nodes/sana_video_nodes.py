@@ -233,7 +233,7 @@ class LTX2VAELoader(VeloxNode):
             description="Loads the LTX-2 video VAE (128 latent channels, 8x32x32 compression; SANA-Video 720p's) "
             "as a native VAE that core VAEDecode / VAEEncode accept: a diffusers AutoencoderKLLTX2Video folder or "
             "file, or the official / ComfyUI LTX-2 VAE safetensors (a whole LTX-2 checkpoint's vae. part too). "
-            "Safetensors only; LTX-Video 0.9.x VAEs are refused.",
+            "LTX-Video 0.9.x VAEs are refused.",
             inputs=[
                 io.Combo.Input("vae_name", options=model_choices("vae", _is_ltx2_vae_folder),
                                tooltip="A .safetensors file or diffusers folder in models/vae, or a cached "

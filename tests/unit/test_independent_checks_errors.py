@@ -26,7 +26,7 @@ LOADER_FOLDERS = {
     "VeloxSanaLoader": "diffusion_models", "VeloxGemmaLoader": "text_encoders", "VeloxDCAELoader": "vae",
     "VeloxWanLoader": "diffusion_models", "VeloxWanVAELoader": "vae", "VeloxUMT5Loader": "text_encoders",
     "VeloxVideoCrafterLoader": "checkpoints", "VeloxVideoCrafterUNetLoader": "diffusion_models",
-    "VeloxSanaControlNetLoader": "controlnet", "VeloxSanaVideoLoader": "diffusion_models",
+    "VeloxSanaControlNetLoader": "controlnet", "VeloxSanaVideoLoader": "diffusion_models", "VeloxLTX2VAELoader": "vae",
 }
 GGUF_LOADERS = ("VeloxSanaLoader", "VeloxGemmaLoader", "VeloxWanLoader", "VeloxUMT5Loader",
                 "VeloxVideoCrafterLoader", "VeloxVideoCrafterUNetLoader", "VeloxSanaVideoLoader")  # those that list .gguf files
