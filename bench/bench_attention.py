@@ -24,7 +24,7 @@ import re
 
 import torch
 import torch.nn.functional as F
-from common import cuda_time, emit, register_pack, relative_l2
+from common import boot_comfy, cuda_time, emit, register_pack, relative_l2
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 SWEEP_CONFIGS = ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3),
@@ -146,6 +146,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also time every launch config of the 8-bit kernels")
     parser.add_argument("--check-sm80", action="store_true", help="compile the accurate kernel for sm_80")
     args = parser.parse_args()
+    boot_comfy()  # the loaders' attention choices import comfy_api
     register_pack()
     print(f"bench: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     if args.check_sm80:

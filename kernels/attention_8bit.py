@@ -50,8 +50,10 @@ HEAD_DIMS = (64, 128)
 # The interpreter gets small tiles so CPU tests walk several key blocks in seconds.
 CONFIGS = {"fast": (128, 128, 8, 3), "accurate": (128, 128, 8, 3)}
 INTERPRET_CONFIG = (16, 16, 1, 1)
-# kernel switches (comments at their use), kept as options for the tuner's on/off comparison
-KERNEL_OPTIONS = {"EXACT_INT_TO_FLOAT": True, "PV_PROMOTE": True, "PREFETCH_SCORES": False}
+# kernel switches (comments at their use), kept as options for the tuner's on/off comparison.
+# PREFETCH_SCORES on: 30.1 vs 33.7 ms fast, 39.0 vs 39.5 ms accurate at Wan-14B's shape (H100, 2026-12-07,
+# bench_attention.py --sweep; bench/RESULTS.md)
+KERNEL_OPTIONS = {"EXACT_INT_TO_FLOAT": True, "PV_PROMOTE": True, "PREFETCH_SCORES": True}
 
 # Only core builtins and our own jit functions inside the kernels (no tl.zeros / tl.max / tl.sum from
 # triton.language.standard): a copy of this module decorated under TRITON_INTERPRET=1 then runs on
