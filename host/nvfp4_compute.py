@@ -4,8 +4,10 @@
 |-----------|-------------------------------------------------|---------------------------------------------------|
 | `kitchen` | CUDA, capability >= 10, comfy-kitchen importable | core's path: the activation quantized to NVFP4,   |
 |           |                                                 | FP4 tensor cores (``ck.scaled_mm_nvfp4``)          |
-| `fused`   | any other CUDA GPU with Triton                  | ``kernels/nvfp4_triton.py``'s dequant-GEMM: the   |
-|           |                                                 | weight stays packed, decoded inside the GEMM tiles |
+| `fused`   | any other CUDA GPU with Triton, at most          | ``kernels/nvfp4_triton.py``'s dequant-GEMM: the   |
+|           | ``FUSED_MAX_TOKENS`` rows per call              | weight stays packed, decoded inside the GEMM tiles |
+| `tiles`   | the same GPUs, more rows per call               | the Triton dequant to the input's dtype, then     |
+|           |                                                 | cuBLAS (``F.linear``); the copy lives for one call |
 | `dequant` | CPU (or no Triton)                              | ``kernels/nvfp4_torch.py``, then ``F.linear``     |
 
 Core 0.8.0 itself turns nvfp4 off below capability 10 (``pick_operations`` → ``supports_nvfp4_compute``);
@@ -23,6 +25,11 @@ import torch
 from ..kernels import nvfp4_torch, nvfp4_triton
 
 FP4_TENSOR_CORES = (10, 0)  # comfy-kitchen's TensorCoreNVFP4Layout.MIN_SM_VERSION
+# Rows per call up to which the fused dequant-GEMM runs. At Wan-14B's 32 760 rows it made the forward
+# 5.85x bf16 on an H100 (bench/RESULTS.md, 2026-12-07), where one dequant (a bf16 copy written and read
+# once, ~1 % of that layer's GEMM time) + cuBLAS costs a few percent; few rows are weight-bandwidth bound,
+# where reading 4.5 bits a weight once wins. The crossover is not measured yet (bench_quant_linear.py).
+FUSED_MAX_TOKENS = 64
 
 
 @functools.cache
@@ -31,9 +38,10 @@ def kitchen_importable() -> bool:
 
 
 def nvfp4_compute_path(device: torch.device, capability: tuple[int, int] | None = None,
-                       kitchen: bool | None = None, triton: bool | None = None) -> str:
-    """``kitchen`` / ``fused`` / ``dequant`` for a Linear on ``device`` (see the module table).
-    capability, kitchen, triton: the facts the choice rests on (default: this machine's)."""
+                       kitchen: bool | None = None, triton: bool | None = None, tokens: int = 1) -> str:
+    """``kitchen`` / ``fused`` / ``tiles`` / ``dequant`` for a Linear on ``device`` called on ``tokens`` rows
+    (see the module table). capability, kitchen, triton: the facts the choice rests on (default: this
+    machine's)."""
     if device.type != "cuda":
         return "dequant"
     capability = torch.cuda.get_device_capability(device) if capability is None else capability
@@ -41,13 +49,16 @@ def nvfp4_compute_path(device: torch.device, capability: tuple[int, int] | None 
     triton = nvfp4_triton.AVAILABLE if triton is None else triton
     if capability >= FP4_TENSOR_CORES and kitchen:
         return "kitchen"
-    return "fused" if triton else "dequant"
+    if not triton:
+        return "dequant"
+    return "fused" if tokens <= FUSED_MAX_TOKENS else "tiles"
 
 
 def nvfp4_linear(x: torch.Tensor, codes: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,
                  shape: tuple[int, int], bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) @ W.T (+ bias) for an NVFP4 W of logical ``shape`` (N, K), on x's device."""
-    return LINEARS[nvfp4_compute_path(x.device)](x, codes, block_scales, global_scale, shape, bias)
+    path = nvfp4_compute_path(x.device, tokens=x.numel() // max(1, x.shape[-1]))
+    return LINEARS[path](x, codes, block_scales, global_scale, shape, bias)
 
 
 def _kitchen_linear(x, codes, block_scales, global_scale, shape, bias):
@@ -62,5 +73,11 @@ def _kitchen_linear(x, codes, block_scales, global_scale, shape, bias):
     return torch.nn.functional.linear(rows, weight, bias).reshape(*x.shape[:-1], shape[0])
 
 
-LINEARS = {"kitchen": _kitchen_linear, "fused": nvfp4_triton.nvfp4_linear_triton,
+def _dequant_then_gemm(x, codes, block_scales, global_scale, shape, bias):
+    """The weight decoded once by the Triton dequant into x's dtype, then cuBLAS; the copy is freed on return."""
+    weight = nvfp4_triton.dequantize_nvfp4_triton(codes, block_scales, global_scale, x.dtype, tuple(shape))
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+LINEARS = {"kitchen": _kitchen_linear, "fused": nvfp4_triton.nvfp4_linear_triton, "tiles": _dequant_then_gemm,
            "dequant": nvfp4_torch.nvfp4_linear_torch}

@@ -12,7 +12,8 @@ high precision and cast per call). The Linear:
   PyTorch; a GPU without the fast path dequantizes). GGUF weights always dequantize (their blocks
   have no W8A8 form; Q8_0 / Q4_K can use the fused dequant-GEMM, ``FUSED_DEQUANT_GEMM_MAX_TOKENS``);
   NVFP4 weights compute as ``host/nvfp4_compute.py`` picks per device (core's comfy-kitchen on FP4
-  GPUs, the Triton dequant-GEMM on other CUDA GPUs, dequantize-then-GEMM on the CPU);
+  GPUs, the Triton dequant-GEMM or, for many rows, the Triton dequant + cuBLAS on other CUDA GPUs,
+  dequantize-then-GEMM on the CPU);
 - adds ``self.velox_lowrank(x)`` to its output when set (LoRA side products, attached through
   ModelPatcher object patches, so a quantized weight is never dequantized-and-merged per step);
 - stays friendly to ModelPatcher: plain tensors for ``.to`` and partial (lowvram) loading, memory

@@ -150,6 +150,29 @@ def test_compute_path_hands_fp4_gpus_to_kitchen_and_others_to_triton(device, cap
     assert nvfp4_compute_path(torch.device(device), capability, kitchen, triton) == path
 
 
+@pytest.mark.parametrize(("tokens", "path"), [(1, "fused"), (64, "fused"), (65, "tiles"), (32760, "tiles")])
+def test_many_rows_per_call_dequantize_once_then_gemm_on_gpus_without_fp4(tokens, path):
+    """Wan-14B's 32 760 rows ran the fused kernel at 5.85x bf16 (H100): large calls decode the weight
+    once and use cuBLAS; few rows keep the packed weight inside the GEMM."""
+    from velox.host.nvfp4_compute import nvfp4_compute_path
+
+    assert nvfp4_compute_path(torch.device("cuda"), (9, 0), False, True, tokens=tokens) == path
+    assert nvfp4_compute_path(torch.device("cuda"), (10, 0), True, True, tokens=tokens) == "kitchen"
+
+
+def test_dequant_then_gemm_equals_the_reference_linear(triton_nvfp4, monkeypatch):
+    """The ``tiles`` path, Triton dequant (interpreted) + F.linear, equals the PyTorch twin bit for bit."""
+    from velox.host import nvfp4_compute
+
+    monkeypatch.setattr(nvfp4_compute, "nvfp4_triton", triton_nvfp4)
+    generator = torch.Generator().manual_seed(4)
+    codes, block_scales, global_scale = nv.quantize_nvfp4(random_weight((48, 64), seed=4))
+    x, bias = torch.randn(3, 5, 64, generator=generator), torch.randn(48, generator=generator)
+    got = nvfp4_compute._dequant_then_gemm(x, codes.view(nv.STORAGE), block_scales, global_scale, (48, 64), bias)
+    want = nv.nvfp4_linear_torch(x, codes, block_scales, global_scale, (48, 64), bias)
+    assert torch.equal(got, want)
+
+
 # ----------------------------------------------------------------------------------------------
 # core's NVFP4 files through the loaders
 # ----------------------------------------------------------------------------------------------
